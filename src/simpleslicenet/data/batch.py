@@ -1,0 +1,109 @@
+"""A volume travels as a batch of its axial slices, in order.
+
+:class:`VolumeBatch` is an anomalib :class:`~anomalib.data.ImageBatch` whose rows are the slices of one
+or more whole volumes, so every anomalib image model, metric and post-processor accepts it unchanged.
+The extra fields say which volume and which depth each row belongs to, and carry the brain mask and
+the geometry needed to write results back into the scan's own space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from anomalib.data import ImageBatch, ImageItem
+from torchvision.tv_tensors import Image, Mask
+
+from simpleslicenet.data.volume import VolumeGeometry
+
+__all__ = ["VolumeBatch", "VolumeItem", "collate_volumes"]
+
+# Fields that anomalib does not know about; the rest are ImageBatch's own.
+VOLUME_FIELDS = ("volume_index", "slice_index", "brain_mask", "volume_label", "volume_score", "geometry")
+
+
+@dataclass
+class VolumeItem(ImageItem):
+    """One axial slice of a volume: ``image [3, H, W]``, ``gt_mask [H, W]`` and where it came from.
+
+    Args:
+        volume_index: Index of the volume in its dataset.
+        slice_index: Depth index of this slice in the model grid.
+        brain_mask: Boolean brain mask of the slice ``[H, W]``.
+        volume_label: 1 if the volume holds any lesion, else 0.
+        geometry: Geometry of the source volume (shared by all its slices).
+    """
+
+    volume_index: torch.Tensor | None = None
+    slice_index: torch.Tensor | None = None
+    brain_mask: torch.Tensor | None = None
+    volume_label: torch.Tensor | None = None
+    volume_score: torch.Tensor | None = None
+    geometry: VolumeGeometry | None = None
+
+
+@dataclass
+class VolumeBatch(ImageBatch):
+    """Slices of whole volumes in depth order: ``image [N, 3, H, W]`` with ``N = sum of depths``.
+
+    ``gt_label`` is the slice label (any lesion voxel in the slice) and ``gt_mask`` the voxel mask,
+    so anomalib's image metrics are slice metrics and its pixel metrics are voxel metrics.
+
+    Args:
+        volume_index: ``[N]`` volume of each row.
+        slice_index: ``[N]`` depth of each row.
+        brain_mask: ``[N, H, W]`` boolean brain mask.
+        volume_label: ``[N]`` label of each row's volume.
+        volume_score: ``[N]`` predicted anomaly score of each row's volume (set by the models).
+        geometry: ``N`` references to each row's :class:`VolumeGeometry`.
+    """
+
+    item_class = VolumeItem
+
+    volume_index: torch.Tensor | None = None
+    slice_index: torch.Tensor | None = None
+    brain_mask: torch.Tensor | None = None
+    volume_label: torch.Tensor | None = None
+    volume_score: torch.Tensor | None = None
+    geometry: list[VolumeGeometry] | None = None
+
+    def volumes(self) -> list[tuple[int, slice]]:
+        """``(volume_index, rows)`` for each volume in the batch, in order of appearance."""
+        if self.volume_index is None:
+            return [(0, slice(0, self.batch_size))]
+        ids = self.volume_index.tolist()
+        out, start = [], 0
+        for row in range(1, len(ids) + 1):
+            if row == len(ids) or ids[row] != ids[start]:
+                out.append((ids[start], slice(start, row)))
+                start = row
+        return out
+
+    @property
+    def depth(self) -> int:
+        """Number of slices of the (first) volume in the batch."""
+        return self.volumes()[0][1].stop - self.volumes()[0][1].start
+
+    @classmethod
+    def collate(cls, items: list) -> VolumeBatch:
+        """Concatenate whole volumes (each already a :class:`VolumeBatch`) along the slice axis."""
+        return collate_volumes(items)
+
+
+def collate_volumes(volumes: list[VolumeBatch]) -> VolumeBatch:
+    """Join several single-volume batches into one batch of all their slices, in order."""
+    if len(volumes) == 1:
+        return volumes[0]
+    merged = {}
+    for f in fields(VolumeBatch):
+        values = [getattr(v, f.name) for v in volumes]
+        if any(value is None for value in values):
+            merged[f.name] = None
+        elif isinstance(values[0], torch.Tensor):
+            joined = torch.cat([torch.as_tensor(value) for value in values])
+            merged[f.name] = (
+                Image(joined) if f.name == "image" else Mask(joined) if f.name == "gt_mask" else joined
+            )
+        else:
+            merged[f.name] = [entry for value in values for entry in value]
+    return VolumeBatch(**merged)

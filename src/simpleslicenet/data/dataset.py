@@ -1,0 +1,126 @@
+"""One row per volume; each item is the whole volume as a :class:`VolumeBatch` of its axial slices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+from anomalib.data.datasets.base import AnomalibDataset
+from torchvision.tv_tensors import Image, Mask
+
+from simpleslicenet.data.batch import VolumeBatch, collate_volumes
+from simpleslicenet.data.volume import VolumeError, load_volume, to_slices
+
+__all__ = ["VolumeDataset", "SAMPLE_COLUMNS"]
+
+# label_index: 0 healthy, 1 lesion. mask_path / brain_mask_path may be None.
+SAMPLE_COLUMNS = ["volume_id", "image_path", "mask_path", "brain_mask_path", "label_index", "split"]
+
+
+class VolumeDataset(AnomalibDataset):
+    """Volumes listed in a samples table, served one volume per item.
+
+    Args:
+        samples: Table with :data:`SAMPLE_COLUMNS`.
+        target_shape: Model grid ``(x, y, z)``; every volume is cropped/padded to it around the brain.
+        intensity: ``"percentile"`` (default) or ``"minmax"``; see :func:`~simpleslicenet.data.volume.scale_intensity`.
+        resample_mm: Resample scans to this isotropic spacing first (``None``: keep the file's grid).
+        cache: Keep preprocessed volumes in memory (reading a compressed NIfTI costs far more than a
+            training step on a small grid).
+    """
+
+    def __init__(
+        self,
+        samples: pd.DataFrame,
+        target_shape: tuple[int, int, int] = (192, 192, 96),
+        intensity: str = "percentile",
+        resample_mm: float | None = None,
+        cache: bool = True,
+    ) -> None:
+        super().__init__()
+        missing = [c for c in SAMPLE_COLUMNS if c not in samples.columns]
+        if missing:
+            msg = f"samples table lacks columns {missing}"
+            raise ValueError(msg)
+        for path in samples["image_path"]:
+            if not Path(path).exists():
+                raise VolumeError(path, "file does not exist")
+        samples = samples.reset_index(drop=True).copy()
+        # A stable volume index survives anomalib's re-sorting of samples (it sorts by image_path).
+        samples["volume_index"] = range(len(samples))
+        samples.attrs["task"] = "segmentation"
+        self.samples = samples
+        self.target_shape = tuple(int(t) for t in target_shape)
+        self.intensity = intensity
+        self.resample_mm = resample_mm
+        self.cache = cache
+        self._cache: dict[int, VolumeBatch] = {}
+
+    def __getitem__(self, index: int) -> VolumeBatch:
+        row = self.samples.iloc[index]
+        volume_index = int(row.volume_index)
+        if self.cache and volume_index in self._cache:
+            return self._cache[volume_index]
+        batch = self.load(row)
+        if self.cache:
+            self._cache[volume_index] = batch
+        return batch
+
+    def load(self, row: pd.Series) -> VolumeBatch:
+        """Read one volume (a samples row) and lay it out as a batch of slices."""
+        is_lesion = int(row.label_index) == 1
+        volume = load_volume(
+            row.image_path,
+            target_shape=self.target_shape,
+            mask_path=row.mask_path if isinstance(row.mask_path, str) and row.mask_path else None,
+            brain_mask_path=row.brain_mask_path if isinstance(row.brain_mask_path, str) else None,
+            intensity=self.intensity,
+            resample_mm=self.resample_mm,
+            require_mask=is_lesion,
+        )
+        return volume_to_batch(
+            volume.image,
+            brain_mask=volume.brain_mask,
+            lesion_mask=volume.lesion_mask,
+            volume_index=int(row.volume_index),
+            geometry=volume.geometry,
+            image_path=str(row.image_path),
+            mask_path=str(row.mask_path) if isinstance(row.mask_path, str) else "",
+        )
+
+    @property
+    def collate_fn(self):  # noqa: ANN201
+        """Volumes are joined along the slice axis, never stacked into a new dimension."""
+        return collate_volumes
+
+
+def volume_to_batch(
+    image,  # noqa: ANN001 - canonical (x, y, z) numpy array in [0, 1]
+    brain_mask=None,  # noqa: ANN001
+    lesion_mask=None,  # noqa: ANN001
+    volume_index: int = 0,
+    geometry=None,  # noqa: ANN001
+    image_path: str = "",
+    mask_path: str = "",
+) -> VolumeBatch:
+    """Turn a canonical volume (and masks) into a :class:`VolumeBatch` of its axial slices."""
+    slices = torch.from_numpy(to_slices(image))  # [D, H, W]
+    depth = slices.shape[0]
+    lesion = (
+        torch.from_numpy(to_slices(lesion_mask)).bool() if lesion_mask is not None else torch.zeros_like(slices).bool()
+    )
+    brain = torch.from_numpy(to_slices(brain_mask)).bool() if brain_mask is not None else torch.ones_like(lesion)
+    slice_label = lesion.flatten(1).any(dim=1).long()
+    return VolumeBatch(
+        image=Image(slices.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()),
+        gt_mask=Mask(lesion),
+        gt_label=slice_label,
+        image_path=[image_path] * depth,
+        mask_path=[mask_path] * depth,
+        volume_index=torch.full((depth,), volume_index, dtype=torch.long),
+        slice_index=torch.arange(depth),
+        brain_mask=brain,
+        volume_label=torch.full((depth,), int(lesion.any()), dtype=torch.long),
+        geometry=[geometry] * depth,
+    )
