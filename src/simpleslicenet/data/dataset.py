@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pandas as pd
@@ -61,10 +62,13 @@ class VolumeDataset(AnomalibDataset):
         row = self.samples.iloc[index]
         volume_index = int(row.volume_index)
         if self.cache and volume_index in self._cache:
-            return self._cache[volume_index]
+            # A shallow copy: anomalib's pre-processor re-assigns batch.image, which must not
+            # reach the cached volume (it would be normalised again every epoch).
+            return copy.copy(self._cache[volume_index])
         batch = self.load(row)
         if self.cache:
             self._cache[volume_index] = batch
+            return copy.copy(batch)
         return batch
 
     def load(self, row: pd.Series) -> VolumeBatch:

@@ -64,6 +64,8 @@ class VolumeGeometry:
             Negative values mean the model volume was padded on that side.
         target_shape: Shape of the model volume ``(x, y, z)``.
         path: The scan this geometry came from.
+        file_shape: Shape of the file's own grid, set only when the scan was resampled on reading
+            (``resample_mm``); :func:`write_nifti` then resamples results back onto that grid.
     """
 
     original_shape: tuple[int, int, int]
@@ -73,6 +75,7 @@ class VolumeGeometry:
     target_shape: tuple[int, int, int] | None = None
     path: str = ""
     header: nib.Nifti1Header | None = field(default=None, repr=False)
+    file_shape: tuple[int, int, int] | None = None
 
 
 @dataclass
@@ -140,7 +143,9 @@ def read_nifti(path: str | os.PathLike, resample_mm: float | None = None) -> tup
     path = Path(path)
     img = _load_image(path)
     original_affine = img.affine.copy()
+    file_shape = None
     if resample_mm is not None:
+        file_shape = tuple(int(s) for s in img.shape[:3])
         from nibabel.processing import resample_to_output
 
         img = resample_to_output(_as_3d_image(img, path), voxel_sizes=(resample_mm,) * 3, order=1)
@@ -156,6 +161,7 @@ def read_nifti(path: str | os.PathLike, resample_mm: float | None = None) -> tup
         canonical_affine=canonical.affine.copy(),
         path=str(path),
         header=img.header.copy(),
+        file_shape=file_shape,
     )
     return data, geometry
 
@@ -225,10 +231,18 @@ def write_nifti(
         msg = f"{path}: array shape {tuple(data.shape)} differs from the scan's {geometry.original_shape}"
         raise ValueError(msg)
     canonical = nib.Nifti1Image(np.asarray(data, dtype=dtype), geometry.canonical_affine)
-    # Undo the reorientation so the output overlays the input scan voxel for voxel.
-    original_ornt = nib.orientations.io_orientation(geometry.affine)
-    transform = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")), original_ornt)
-    img = canonical.as_reoriented(transform)
+    if geometry.file_shape is not None:
+        # Read with resampling: resample back onto the file's grid (nearest for labels, linear otherwise).
+        from nibabel.processing import resample_from_to
+
+        order = 1 if np.issubdtype(np.dtype(dtype), np.floating) else 0
+        resampled = resample_from_to(canonical, (geometry.file_shape, geometry.affine), order=order)
+        img = nib.Nifti1Image(np.asarray(resampled.dataobj).astype(dtype), geometry.affine)
+    else:
+        # Undo the reorientation so the output overlays the input scan voxel for voxel.
+        original_ornt = nib.orientations.io_orientation(geometry.affine)
+        transform = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")), original_ornt)
+        img = canonical.as_reoriented(transform)
     img.set_qform(geometry.affine, code=1)
     img.set_sform(geometry.affine, code=1)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -118,6 +118,16 @@ class VolumeDataModule(AnomalibDataModule):
             cache=self.cache,
         )
 
+    def _create_test_split(self) -> None:
+        """Splits are final after :meth:`split_samples`.
+
+        anomalib's own version would move the healthy test volumes out of the test split (and, with
+        ``test_split_mode="none"``, drop them), leaving volume-level metrics without negatives.
+        """
+
+    def _create_val_split(self) -> None:
+        """Validation is carved out by :meth:`split_samples`, by whole volume."""
+
     def _setup(self, _stage: str | None = None) -> None:
         samples = self.split_samples()
         self.volume_table = samples

@@ -1,0 +1,145 @@
+"""Sweep report: a CSV row per run, a markdown table (mean ± std over seeds) and PNG plots."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["TABLE_COLUMNS", "results_frame", "summary_table", "write_report"]
+
+# (column in the results frame, header in the table, digits)
+TABLE_COLUMNS = [
+    ("voxel_AUPRC", "voxel AUPRC", 3),
+    ("voxel_AUROC", "voxel AUROC", 3),
+    ("voxel_valDice", "Dice @ val thr.", 3),
+    ("voxel_maxDice", "max Dice (upper bound)", 3),
+    ("slice_AUROC", "slice AUROC", 3),
+    ("volume_AUROC", "volume AUROC", 3),
+    ("inference_seconds_per_volume", "infer s/vol", 3),
+    ("fit_seconds", "fit s", 0),
+    ("peak_ram_mb", "peak RAM MB", 0),
+    ("parameters_m", "params M", 2),
+]
+
+
+def results_frame(results: list[dict]) -> pd.DataFrame:
+    """One row per run: run settings, every metric, timings and sizes."""
+    rows = []
+    for result in results:
+        row = {k: v for k, v in result.items() if not isinstance(v, dict | list)}
+        row.update(result.get("metrics", {}))
+        row["parameters_m"] = result.get("parameters", 0) / 1e6
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summary_table(frame: pd.DataFrame) -> str:
+    """Markdown table, one line per (dataset, model): mean ± std over seeds, best accuracy in bold."""
+    columns = [c for c in TABLE_COLUMNS if c[0] in frame.columns]
+    header = ["dataset", "model", "seeds", *[c[1] for c in columns]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    groups = frame.groupby(["dataset", "label"], sort=False)
+    best = {}
+    for key, _name, _digits in columns[:6]:  # accuracy columns: higher is better
+        means = groups[key].mean()
+        best.update({(ds, key): means.xs(ds).max() for ds in means.index.get_level_values(0)})
+    for (dataset, label), group in groups:
+        cells = [dataset, label, str(len(group))]
+        for key, _name, digits in columns:
+            values = group[key].dropna().astype(float)
+            if values.empty:
+                cells.append("–")
+                continue
+            mean = values.mean()
+            text = f"{mean:.{digits}f}" + (f" ± {values.std(ddof=1):.{digits}f}" if len(values) > 1 else "")
+            if (dataset, key) in best and np.isclose(mean, best[(dataset, key)]):
+                text = f"**{text}**"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _plot_accuracy_vs_time(frame: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for label, group in frame.groupby("label", sort=False):
+        x = group["inference_seconds_per_volume"].astype(float)
+        y = group["voxel_AUPRC"].astype(float)
+        ax.errorbar(x.mean(), y.mean(), xerr=x.std(ddof=0), yerr=y.std(ddof=0), fmt="o", capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("inference time per volume (s, log scale)")
+    ax.set_ylabel("voxel AUPRC (brain-masked)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _examples_figure(frame: pd.DataFrame, runs_dir: Path, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = []
+    for label, group in frame.groupby("label", sort=False):
+        for _, row in group.iterrows():
+            example = runs_dir / str(row["run_id"]) / "example.png"
+            if isinstance(row.get("example"), str) and example.exists():
+                images.append((label, plt.imread(example)))
+                break
+    if not images:
+        return False
+    fig, axes = plt.subplots(len(images), 1, figsize=(6, 3.2 * len(images)))
+    for ax, (_label, image) in zip(np.atleast_1d(axes), images, strict=True):
+        ax.imshow(image)
+        ax.axis("off")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
+def write_report(results: list[dict], output: Path, title: str = "benchmark", failures: list[dict] | None = None) -> None:
+    """Write ``results.csv``, ``results.md``, ``accuracy_vs_time.png`` and ``examples.png`` into ``output``."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    if not results:
+        _atomic_write_text(output / "results.md", f"# {title}\n\nNo finished runs.\n")
+        return
+    frame = results_frame(results)
+    tmp = output / ".results.csv.tmp"
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, output / "results.csv")
+    text = f"# {title}\n\n" + summary_table(frame)
+    text += (
+        "\nVoxel metrics are pooled over all test volumes inside the brain mask. "
+        "'Dice @ val thr.' uses the threshold that maximised Dice on the validation split (the honest figure); "
+        "'max Dice' picks the best threshold on the test set itself and is an upper bound.\n"
+    )
+    if failures:
+        text += "\nFailed runs (retried on the next call):\n" + "".join(
+            f"- {f['dataset']} / {f['label']} / seed {f['seed']}: {f['error']} (log: {f['log']})\n" for f in failures
+        )
+    _atomic_write_text(output / "results.md", text)
+    if "voxel_AUPRC" in frame.columns:
+        _plot_accuracy_vs_time(frame, output / "accuracy_vs_time.png")
+    _examples_figure(frame, output / "runs", output / "examples.png")

@@ -1,0 +1,153 @@
+"""BrainPhantom: the built-in synthetic brain MRI dataset, generated on first use (no download).
+
+Healthy subjects are split by whole subject into training and normal test volumes; every lesion subject
+is a test volume, and the base class carves the validation split (healthy and lesion volumes alike)
+out of the test volumes. See :mod:`simpleslicenet.data.phantom` for how subjects are made.
+
+Example:
+    >>> from simpleslicenet.data.datamodules.phantom import BrainPhantom
+    >>> datamodule = BrainPhantom(n_healthy=6, n_lesion=4, spacing_mm=4.0, target_shape=(32, 32, 16))
+    >>> datamodule.prepare_data()  # doctest: +SKIP
+    >>> datamodule.setup()  # doctest: +SKIP
+    >>> batch = next(iter(datamodule.train_dataloader()))  # doctest: +SKIP
+    >>> batch.image.shape  # doctest: +SKIP
+    torch.Size([16, 3, 32, 32])
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from simpleslicenet.data.datamodules.base import VolumeDataModule
+from simpleslicenet.data.phantom import generate_phantom_dataset, read_manifest, subject_files
+from simpleslicenet.data.phantom.contrasts import check_contrast
+
+__all__ = ["BrainPhantom", "default_cache_dir"]
+
+CACHE_ENV = "SIMPLESLICENET_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """Where generated data lives: ``$SIMPLESLICENET_CACHE`` or ``~/.cache/simpleslicenet``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "simpleslicenet").expanduser()
+
+
+class BrainPhantom(VolumeDataModule):
+    """Synthetic brain MRI with tumour-like lesions and exact masks, generated locally.
+
+    Args:
+        root: Folder of the phantom. Default: ``<cache>/phantom/<contrast>_<spacing>mm_seed<seed>_<n>h<m>l``
+            under :func:`default_cache_dir`, so differently configured phantoms never overwrite each other.
+        n_healthy: Healthy subjects; two thirds (at least one) train, the rest are normal test volumes.
+        n_lesion: Lesion subjects (all test or validation volumes).
+        contrast: ``"t1"``, ``"t1ce"``, ``"t2"`` or ``"flair"``.
+        seed: Seed of the phantom and of the splits.
+        spacing_mm: Voxel size of the generated volumes (2 mm: 99×117×95 voxels).
+        target_shape: Model grid ``(x, y, z)``; the default suits 2 mm volumes and quick runs.
+        train_fraction: Share of healthy subjects used for training.
+        intensity: ``"percentile"`` or ``"minmax"`` intensity scaling.
+        resample_mm: Resample scans to this spacing when loading (normally ``None``: generate at the
+            wanted spacing instead).
+        val_fraction: Share of test volumes moved to validation.
+        train_batch_size: Volumes per training batch.
+        eval_batch_size: Volumes per evaluation batch.
+        num_workers: Data loader workers.
+        cache: Keep preprocessed volumes in memory.
+        progress: Show a progress bar while generating.
+    """
+
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        n_healthy: int = 24,
+        n_lesion: int = 16,
+        contrast: str = "t2",
+        seed: int = 0,
+        spacing_mm: float = 2.0,
+        target_shape: tuple[int, int, int] = (96, 96, 48),
+        train_fraction: float = 2 / 3,
+        intensity: str = "percentile",
+        resample_mm: float | None = None,
+        val_fraction: float = 0.3,
+        train_batch_size: int = 1,
+        eval_batch_size: int = 1,
+        num_workers: int = 0,
+        cache: bool = True,
+        progress: bool = True,
+    ) -> None:
+        contrast = check_contrast(contrast)
+        if n_healthy < 2:
+            msg = f"BrainPhantom needs at least 2 healthy subjects (training and normal test), got {n_healthy}"
+            raise ValueError(msg)
+        if n_lesion < 1:
+            msg = f"BrainPhantom needs at least 1 lesion subject, got {n_lesion}"
+            raise ValueError(msg)
+        if not 0.0 < train_fraction < 1.0:
+            msg = f"train_fraction must lie strictly between 0 and 1, got {train_fraction}"
+            raise ValueError(msg)
+        if root is None:
+            tag = f"{contrast}_{spacing_mm:g}mm_seed{seed}_{n_healthy}h{n_lesion}l"
+            root = default_cache_dir() / "phantom" / tag
+        super().__init__(
+            root=root,
+            target_shape=target_shape,
+            intensity=intensity,
+            resample_mm=resample_mm,
+            val_fraction=val_fraction,
+            train_batch_size=train_batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            cache=cache,
+            seed=seed,
+        )
+        self.n_healthy = int(n_healthy)
+        self.n_lesion = int(n_lesion)
+        self.contrast = contrast
+        self.spacing_mm = float(spacing_mm)
+        self.train_fraction = float(train_fraction)
+        self.progress = progress
+        self.category = f"phantom_{contrast}"
+
+    def prepare_data(self) -> None:
+        """Generate the phantom unless ``root`` already holds this exact one."""
+        generate_phantom_dataset(
+            self.root,
+            n_healthy=self.n_healthy,
+            n_lesion=self.n_lesion,
+            contrast=self.contrast,
+            seed=self.seed,
+            spacing_mm=self.spacing_mm,
+            progress=self.progress,
+        )
+
+    def make_samples(self) -> pd.DataFrame:
+        """One row per subject: healthy ones split train / test by whole subject, lesion ones test."""
+        # setup() may run without prepare_data() (e.g. a fresh process); generation is a no-op when done.
+        self.prepare_data()
+        manifest = read_manifest(self.root)
+        if manifest is None:
+            msg = f"{self.root}: no phantom manifest after generation"
+            raise RuntimeError(msg)
+        healthy = [entry["index"] for entry in manifest["subjects"] if entry["label"] == "healthy"]
+        n_train = min(max(int(round(len(healthy) * self.train_fraction)), 1), len(healthy) - 1)
+        rng = np.random.default_rng(self.seed)
+        train = {int(i) for i in rng.choice(healthy, size=n_train, replace=False)}
+        rows = []
+        for entry in manifest["subjects"]:
+            files = subject_files(self.root, entry["index"], self.contrast)
+            is_lesion = entry["label"] == "lesion"
+            rows.append(
+                {
+                    "volume_id": entry["id"],
+                    "image_path": str(files["image"]),
+                    "mask_path": str(files["seg"]),
+                    "brain_mask_path": str(files["brainmask"]),
+                    "label_index": int(is_lesion),
+                    "split": "train" if entry["index"] in train else "test",
+                }
+            )
+        return pd.DataFrame(rows)

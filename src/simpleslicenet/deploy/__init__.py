@@ -1,0 +1,15 @@
+"""Deployment: OpenVINO export (atomic, tagged with the training preprocessing) and volume inference.
+
+Example:
+    >>> from simpleslicenet.deploy import VolumeInferencer
+    >>> inferencer = VolumeInferencer("results/.../weights/openvino/model.xml")  # doctest: +SKIP
+    >>> prediction = inferencer.predict("scan.nii.gz")  # doctest: +SKIP
+    >>> prediction.volume_score, prediction.anomaly_map.shape  # doctest: +SKIP
+
+or ``simpleslicenet predict --model model.xml --input scans/ --output maps/``.
+"""
+
+from simpleslicenet.deploy.inferencer import ModelFileError, VolumeInferencer, VolumePrediction
+from simpleslicenet.deploy.predict import find_scans, predict_paths
+
+__all__ = ["ModelFileError", "VolumeInferencer", "VolumePrediction", "find_scans", "predict_paths"]

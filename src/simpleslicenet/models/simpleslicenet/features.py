@@ -1,0 +1,211 @@
+"""Slice features of SimpleSliceNet: local neighbourhood, channel pooling, layer fusion, depth mean.
+
+The original formulation unfolds every 3×3 patch into a ``9·C`` vector and shrinks it with a 1-D
+adaptive average pool. Both steps are linear averages, so the same numbers come from a 3×3 average
+pool (zero padded, dividing by 9 at the border like the zero-padded unfold) followed by averaging
+adjacent channel groups, without ever materialising the nine-fold tensor. The two agree exactly when
+the embedding size divides the channel count (as in the paper: 512 | 512 and 512 | 1024).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+__all__ = [
+    "SliceFeatureExtractor",
+    "aggregate_depth",
+    "depth_cell_centres",
+    "channel_pool",
+    "pool_neighbourhood",
+    "positional_encoding_1d",
+    "positional_encoding_2d",
+]
+
+
+def pool_neighbourhood(features: torch.Tensor, size: int = 3) -> torch.Tensor:
+    """Mean of each location's ``size × size`` neighbourhood, zeros beyond the border.
+
+    Args:
+        features: ``[N, C, h, w]``.
+        size: Odd neighbourhood size.
+    """
+    if size <= 1:
+        return features
+    if size % 2 == 0:
+        msg = f"neighbourhood size must be odd, got {size}"
+        raise ValueError(msg)
+    # count_include_pad=True divides by size² at the border too, like averaging a zero-padded unfold.
+    return F.avg_pool2d(features, kernel_size=size, stride=1, padding=size // 2, count_include_pad=True)
+
+
+def _adaptive_average_matrix(in_channels: int, out_channels: int) -> torch.Tensor:
+    """``[out, in]`` matrix of ``adaptive_avg_pool1d``: row i averages inputs ``floor(i·in/out) .. ceil((i+1)·in/out)``."""
+    matrix = torch.zeros(out_channels, in_channels)
+    for i in range(out_channels):
+        start = (i * in_channels) // out_channels
+        stop = math.ceil((i + 1) * in_channels / out_channels)
+        matrix[i, start:stop] = 1.0 / (stop - start)
+    return matrix
+
+
+def channel_pool(features: torch.Tensor, out_channels: int, matrix: torch.Tensor | None = None) -> torch.Tensor:
+    """Average adjacent channel groups of ``[N, C, h, w]`` down (or up) to ``out_channels``.
+
+    Same numbers as ``adaptive_avg_pool1d`` over the channel axis. When ``out_channels`` divides ``C``
+    the groups are disjoint and this is a reshape and mean; otherwise a fixed averaging matrix is applied.
+
+    Args:
+        features: ``[N, C, h, w]``.
+        out_channels: Channels after pooling.
+        matrix: Precomputed ``[out_channels, C]`` averaging matrix for the non-dividing case.
+    """
+    channels = features.shape[1]
+    if channels == out_channels:
+        return features
+    if channels % out_channels == 0:
+        return features.unflatten(1, (out_channels, channels // out_channels)).mean(dim=2)
+    if matrix is None:
+        matrix = _adaptive_average_matrix(channels, out_channels).to(features)
+    return F.conv2d(features, matrix[:, :, None, None])
+
+
+class SliceFeatureExtractor(nn.Module):
+    """Frozen backbone → per-layer neighbourhood + channel pooling → upsample → fused embedding.
+
+    Args:
+        backbone: Feature extractor returning a list of ``[N, C_l, h_l, w_l]`` maps (first = finest).
+        layer_channels: ``C_l`` of each returned map.
+        embed_dim: Channels of each layer after pooling and of the fused embedding; ``None`` keeps
+            every layer's own channels and concatenates them (``sum C_l``).
+        neighbourhood: Size of the local averaging window.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        layer_channels: Sequence[int],
+        embed_dim: int | None = None,
+        neighbourhood: int = 3,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.layer_channels = [int(c) for c in layer_channels]
+        self.embed_dim = embed_dim
+        self.neighbourhood = neighbourhood
+        layer_dims = self.layer_channels if embed_dim is None else [embed_dim] * len(self.layer_channels)
+        self.layer_dims = layer_dims
+        self.out_dim = sum(layer_dims) if embed_dim is None else embed_dim
+        # Averaging matrices for channel counts the embedding size does not divide (buffers so they
+        # follow the module's device; not persistent, they are recomputed from the arguments).
+        for index, (channels, dim) in enumerate(zip(self.layer_channels, layer_dims, strict=True)):
+            if channels % dim:
+                self.register_buffer(f"_layer_matrix_{index}", _adaptive_average_matrix(channels, dim), persistent=False)
+        if sum(layer_dims) % self.out_dim:
+            self.register_buffer("_fuse_matrix", _adaptive_average_matrix(sum(layer_dims), self.out_dim), persistent=False)
+
+    def train(self, mode: bool = True) -> SliceFeatureExtractor:
+        """The backbone is frozen: it stays in eval mode so batch-norm statistics never drift."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def embed(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Fuse backbone maps ``[N, C_l, h_l, w_l]`` into ``[N, out_dim, h_0, w_0]``."""
+        pooled = []
+        for index, feature_map in enumerate(maps):
+            local = pool_neighbourhood(feature_map, self.neighbourhood)
+            local = channel_pool(local, self.layer_dims[index], getattr(self, f"_layer_matrix_{index}", None))
+            if index > 0:
+                local = F.interpolate(local, size=pooled[0].shape[-2:], mode="bilinear", align_corners=False)
+            pooled.append(local)
+        fused = torch.cat(pooled, dim=1)
+        return channel_pool(fused, self.out_dim, getattr(self, "_fuse_matrix", None))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Embedding ``[N, out_dim, h, w]`` of ImageNet-normalised images ``[N, 3, H, W]``."""
+        with torch.no_grad():
+            maps = self.backbone(images)
+        return self.embed(maps)
+
+
+def depth_cell_centres(depth: int, window: int, stride: int, device: torch.device | None = None) -> torch.Tensor:
+    """Slice index at the centre of each depth cell of :func:`aggregate_depth` (``ceil(depth/stride)`` cells)."""
+    cells = (depth + stride - 1) // stride
+    return torch.arange(cells, device=device) * stride + (stride - 1) // 2
+
+
+def aggregate_depth(features: torch.Tensor, window: int = 3, stride: int = 3) -> torch.Tensor:
+    """Mean over ``window`` neighbouring slices, one cell every ``stride`` slices, within ONE volume.
+
+    Cell ``i`` is centred on slice ``c_i = i·stride + (stride - 1) // 2`` and averages slices
+    ``c_i - (window-1)//2 .. c_i + window//2`` that exist (edge cells average fewer slices). With
+    ``window = stride = 3`` this is the paper's disjoint triplets (96 slices → 32 cells); with
+    ``stride = 1`` it keeps full depth resolution (``D`` cells, each the mean of its neighbours).
+
+    Args:
+        features: ``[D, C, h, w]`` slice features of one volume, in depth order.
+        window: Slices per cell (``>= stride`` so no slice is skipped).
+        stride: Slices between cell centres.
+
+    Returns:
+        ``[ceil(D / stride), C, h, w]``.
+    """
+    if stride < 1 or window < stride:
+        msg = f"depth aggregation needs 1 <= stride <= window, got window={window}, stride={stride}"
+        raise ValueError(msg)
+    if window == 1 and stride == 1:
+        return features
+    depth = features.shape[0]
+    cells = (depth + stride - 1) // stride
+    pad_before = (window - 1) // 2 - (stride - 1) // 2
+    # Generous zero padding after the last slice; the mean divides by the count of real slices.
+    pad_after = window + stride
+    volume = features.permute(1, 0, 2, 3).unsqueeze(0)  # [1, C, D, h, w]
+    volume = F.pad(volume, (0, 0, 0, 0, pad_before, pad_after))
+    sums = F.avg_pool3d(volume, kernel_size=(window, 1, 1), stride=(stride, 1, 1))
+    ones = F.pad(features.new_ones(1, 1, depth, 1, 1), (0, 0, 0, 0, pad_before, pad_after))
+    counts = F.avg_pool3d(ones, kernel_size=(window, 1, 1), stride=(stride, 1, 1))
+    means = sums[:, :, :cells] / counts[:, :, :cells]
+    return means[0].permute(1, 0, 2, 3)
+
+
+def _sinusoids(positions: torch.Tensor, dims: int) -> torch.Tensor:
+    """``[len(positions), dims]`` sin/cos code with wavelengths from 2π to 10000·2π."""
+    frequencies = torch.exp(
+        torch.arange(0, dims, 2, device=positions.device, dtype=torch.float32) * -(math.log(10000.0) / dims)
+    )
+    angles = positions.float()[:, None] * frequencies[None]
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)
+
+
+def positional_encoding_1d(positions: torch.Tensor, dims: int) -> torch.Tensor:
+    """Sinusoidal code ``[P, dims]`` of integer positions ``[P]`` (``dims`` even)."""
+    if dims % 2:
+        msg = f"a sinusoidal code needs an even number of dimensions, got {dims}"
+        raise ValueError(msg)
+    return _sinusoids(positions, dims)
+
+
+def positional_encoding_2d(dims: int, height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
+    """2-D sinusoidal code ``[dims, h, w]``: the first half encodes the column, the second the row.
+
+    Args:
+        dims: Code size, a multiple of 4.
+        height: Rows of the feature map.
+        width: Columns of the feature map.
+        device: Where to build it.
+    """
+    if dims % 4:
+        msg = f"a 2-D sinusoidal code needs a multiple of 4 dimensions, got {dims}"
+        raise ValueError(msg)
+    half = dims // 2
+    columns = _sinusoids(torch.arange(width, device=device), half)  # [w, half]
+    rows = _sinusoids(torch.arange(height, device=device), half)  # [h, half]
+    code_columns = columns.t()[:, None, :].expand(half, height, width)
+    code_rows = rows.t()[:, :, None].expand(half, height, width)
+    return torch.cat([code_columns, code_rows], dim=0)

@@ -1,0 +1,183 @@
+"""PyTorch model of SimpleSliceNet: frozen slice encoder, depth mean, conditional flow, anomaly map.
+
+In eval mode :meth:`SimpleSliceNetModel.forward` takes the ImageNet-normalised slices of ONE volume
+``[D, 3, H, W]`` and returns an anomalib :class:`~anomalib.data.InferenceBatch` with the voxel map
+``[D, H, W]`` and slice scores ``[D]``. The graph has no Python loop over slices and no data-dependent
+branch, so it exports to ONNX/OpenVINO with a dynamic ``D``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from anomalib.data import InferenceBatch
+from torch import nn
+
+from simpleslicenet.models.backbones import DEFAULT_BACKBONE, create_feature_extractor
+from simpleslicenet.models.volume_ops import slice_scores
+
+from .anomaly_map import AnomalyMapGenerator
+from .features import (
+    SliceFeatureExtractor,
+    aggregate_depth,
+    depth_cell_centres,
+    positional_encoding_1d,
+    positional_encoding_2d,
+)
+from .flow import ConditionalFlow
+
+__all__ = ["DEPTH_CONDITION_DIM", "SimpleSliceNetModel"]
+
+# Size of the optional depth code appended to the 2-D position code.
+DEPTH_CONDITION_DIM = 32
+
+
+class SimpleSliceNetModel(nn.Module):
+    """Slice encoder + depth aggregation + conditional normalizing flow.
+
+    Args:
+        backbone: timm backbone name.
+        layers: Backbone stages (names or feature-info indices); ``None``: stride 8 and 16.
+        backbone_weights: ``"imagenet"``, a local weights file, or ``"random"``.
+        embed_dim: Feature size per location; ``None`` keeps and concatenates the stages' channels.
+        neighbourhood: Local averaging window on each feature map (paper: 3).
+        depth_window: Slices averaged per depth cell (paper: 3).
+        depth_stride: Slices between depth cells (paper: 3; 1 keeps every slice).
+        flow_blocks: Coupling blocks (paper: 8).
+        clamp: Affine clamping of the couplings (paper: 1.9).
+        condition_dim: Size of the 2-D sinusoidal position code (paper: 128).
+        depth_position: Append a sinusoidal code of the depth cell's centre slice to the condition.
+        smoothing_sigma: Gaussian smoothing of the map in voxels (paper: 4).
+        volumetric: What ``forward`` does in eval mode: one volume (``True``) or independent images.
+    """
+
+    def __init__(
+        self,
+        backbone: str = DEFAULT_BACKBONE,
+        layers: Sequence[str | int] | None = None,
+        backbone_weights: str | os.PathLike | None = "imagenet",
+        embed_dim: int | None = None,
+        neighbourhood: int = 3,
+        depth_window: int = 3,
+        depth_stride: int = 3,
+        flow_blocks: int = 8,
+        clamp: float = 1.9,
+        condition_dim: int = 128,
+        depth_position: bool = False,
+        smoothing_sigma: float = 4.0,
+        volumetric: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 1 <= depth_stride <= depth_window:
+            msg = f"need 1 <= depth_stride <= depth_window, got depth_window={depth_window}, depth_stride={depth_stride}"
+            raise ValueError(msg)
+        extractor = create_feature_extractor(backbone, layers, backbone_weights)
+        self.encoder = SliceFeatureExtractor(
+            extractor,
+            layer_channels=extractor.feature_info.channels(),
+            embed_dim=embed_dim,
+            neighbourhood=neighbourhood,
+        )
+        self.depth_window = depth_window
+        self.depth_stride = depth_stride
+        self.condition_dim = condition_dim
+        self.depth_position = depth_position
+        self.volumetric = volumetric
+        self.feature_dim = self.encoder.out_dim
+        self.flow = ConditionalFlow(
+            dims=self.feature_dim,
+            condition_dims=condition_dim + (DEPTH_CONDITION_DIM if depth_position else 0),
+            blocks=flow_blocks,
+            clamp=clamp,
+        )
+        self.anomaly_map_generator = AnomalyMapGenerator(sigma=smoothing_sigma)
+
+    # ----------------------------------------------------------------- features and their conditions
+    def conditions(self, cells: torch.Tensor, depth_positions: torch.Tensor | None) -> torch.Tensor:
+        """Condition grid ``[n, P, h, w]`` for a feature grid ``[n, C, h, w]``.
+
+        Args:
+            cells: Features whose spatial size the 2-D code takes.
+            depth_positions: Centre slice of each of the ``n`` rows (used with ``depth_position``);
+                ``None`` gives independent images a zero depth code.
+        """
+        count, _, height, width = cells.shape
+        code = positional_encoding_2d(self.condition_dim, height, width, device=cells.device).to(cells.dtype)
+        code = code.unsqueeze(0).expand(count, -1, -1, -1)
+        if not self.depth_position:
+            return code
+        if depth_positions is None:
+            depth_code = cells.new_zeros(count, DEPTH_CONDITION_DIM)
+        else:
+            depth_code = positional_encoding_1d(depth_positions, DEPTH_CONDITION_DIM).to(cells.dtype)
+        depth_code = depth_code[:, :, None, None].expand(-1, -1, height, width)
+        return torch.cat([code, depth_code], dim=1)
+
+    def volume_cells(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Depth cells ``[n, C, h, w]`` of one volume's slice features and their conditions."""
+        cells = aggregate_depth(features, self.depth_window, self.depth_stride)
+        centres = depth_cell_centres(features.shape[0], self.depth_window, self.depth_stride, device=features.device)
+        return cells, self.conditions(cells, centres)
+
+    @staticmethod
+    def to_rows(grid: torch.Tensor) -> torch.Tensor:
+        """``[n, C, h, w]`` → ``[n·h·w, C]``, one row per location."""
+        return grid.permute(0, 2, 3, 1).flatten(0, 2)
+
+    def training_features(
+        self,
+        images: torch.Tensor,
+        volumes: Sequence[slice] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flow inputs ``[M, C]`` and conditions ``[M, P]`` of a training batch.
+
+        Args:
+            images: ImageNet-normalised slices ``[N, 3, H, W]``.
+            volumes: Rows of each whole volume in ``images``; depth cells never mix volumes.
+                ``None`` treats the rows as independent images (no depth aggregation).
+        """
+        with torch.no_grad():
+            features = self.encoder(images)
+            if volumes is None:
+                grids = [(features, self.conditions(features, None))]
+            else:
+                grids = [self.volume_cells(features[rows]) for rows in volumes]
+            rows = torch.cat([self.to_rows(cells) for cells, _ in grids])
+            conditions = torch.cat([self.to_rows(condition) for _, condition in grids])
+        return rows, conditions
+
+    # ----------------------------------------------------------------------------------- inference
+    def log_likelihood_grid(self, cells: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+        """Per-dimension log-likelihood ``[n, h, w]`` of a feature grid ``[n, C, h, w]``."""
+        count, _, height, width = cells.shape
+        log_likelihood = self.flow.log_likelihood(self.to_rows(cells), self.to_rows(conditions))
+        return log_likelihood.view(count, height, width)
+
+    def predict_volume(self, images: torch.Tensor) -> InferenceBatch:
+        """Voxel map ``[D, H, W]`` and slice scores ``[D]`` of ONE volume's slices ``[D, 3, H, W]``."""
+        features = self.encoder(images)
+        cells, conditions = self.volume_cells(features)
+        log_likelihood = self.log_likelihood_grid(cells, conditions)
+        depth, _, height, width = images.shape
+        anomaly_map = self.anomaly_map_generator.volume_map(log_likelihood, (depth, height, width))
+        return InferenceBatch(pred_score=slice_scores(anomaly_map), anomaly_map=anomaly_map)
+
+    def predict_images(self, images: torch.Tensor) -> InferenceBatch:
+        """Pixel maps ``[N, H, W]`` and image scores ``[N]`` of independent images ``[N, 3, H, W]``."""
+        features = self.encoder(images)
+        log_likelihood = self.log_likelihood_grid(features, self.conditions(features, None))
+        anomaly_map = self.anomaly_map_generator.image_maps(log_likelihood, tuple(images.shape[-2:]))
+        return InferenceBatch(pred_score=slice_scores(anomaly_map), anomaly_map=anomaly_map)
+
+    def forward(self, images: torch.Tensor) -> InferenceBatch | tuple[torch.Tensor, torch.Tensor]:
+        """Training: flow inputs and conditions of one volume (or images); eval: its prediction.
+
+        Args:
+            images: ImageNet-normalised ``[D, 3, H, W]`` slices of one volume (``volumetric``) or
+                ``[N, 3, H, W]`` independent images.
+        """
+        if self.training:
+            return self.training_features(images, [slice(0, images.shape[0])] if self.volumetric else None)
+        return self.predict_volume(images) if self.volumetric else self.predict_images(images)

@@ -1,0 +1,101 @@
+"""What every simpleslicenet model shares on top of :class:`~anomalib.models.components.AnomalibModule`.
+
+* It remembers how its training volumes were prepared (grid, intensity scaling, spacing, contrast)
+  and stores that in checkpoints and exported models, so inference on a new scan repeats exactly the
+  same preprocessing and a file that is not one of our models can be recognised and refused.
+* Its visualizer writes NIfTI anomaly maps in the scan's own space (:class:`VolumeMapWriter`).
+* OpenVINO export is atomic and tagged with that metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["VolumeModelMixin", "METADATA_KEY", "read_checkpoint_metadata"]
+
+METADATA_KEY = "simpleslicenet"
+
+# Datamodule attributes that define the preprocessing a model was trained with.
+_PREPROCESSING_ATTRS = ("target_shape", "intensity", "resample_mm", "contrast", "modality")
+
+
+def read_checkpoint_metadata(checkpoint: dict) -> dict | None:
+    """The simpleslicenet block of a Lightning checkpoint, or ``None`` if it is not one of ours."""
+    return checkpoint.get(METADATA_KEY)
+
+
+class VolumeModelMixin:
+    """Mix into an ``AnomalibModule`` subclass (before it in the bases)."""
+
+    volume_preprocessing: dict[str, Any]
+
+    def _ensure_metadata(self) -> dict[str, Any]:
+        if not hasattr(self, "volume_preprocessing"):
+            self.volume_preprocessing = {}
+        return self.volume_preprocessing
+
+    def metadata(self) -> dict[str, Any]:
+        """Class path and preprocessing, as stored in checkpoints and exported models."""
+        cls = type(self)
+        return {
+            "class_path": f"{cls.__module__}.{cls.__qualname__}",
+            "preprocessing": dict(self._ensure_metadata()),
+        }
+
+    def on_fit_start(self) -> None:
+        """Record the datamodule's preprocessing settings."""
+        super().on_fit_start()
+        datamodule = getattr(self.trainer, "datamodule", None)
+        record = self._ensure_metadata()
+        for attr in _PREPROCESSING_ATTRS:
+            value = getattr(datamodule, attr, None)
+            if value is not None:
+                record[attr] = list(value) if isinstance(value, tuple) else value
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[METADATA_KEY] = self.metadata()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102
+        super().on_load_checkpoint(checkpoint)
+        block = read_checkpoint_metadata(checkpoint) or {}
+        self.volume_preprocessing = dict(block.get("preprocessing", {}))
+
+    @classmethod
+    def configure_visualizer(cls):  # noqa: ANN206
+        """NIfTI map writer instead of anomalib's PIL-based image visualizer."""
+        from simpleslicenet.visualization import VolumeMapWriter
+
+        return VolumeMapWriter()
+
+    def to_openvino(self, export_root: Path | str, model_file_name: str = "model", *args, **kwargs) -> Path:
+        """anomalib's OpenVINO export, written atomically and tagged with :meth:`metadata`.
+
+        The IR is produced in a temporary folder beside the destination and moved into place only
+        when complete, so a failed export never leaves a half-written model where a good one was.
+        """
+        import openvino as ov
+
+        final_dir = Path(export_root) / "weights" / "openvino"
+        final_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".export-", dir=final_dir.parent))
+        try:
+            staged_xml = super().to_openvino(staging, model_file_name, *args, **kwargs)
+            ov_model = ov.Core().read_model(staged_xml)
+            ov_model.set_rt_info(json.dumps(self.metadata()), [METADATA_KEY])
+            tagged = staging / "tagged"
+            tagged.mkdir()
+            ov.save_model(ov_model, tagged / staged_xml.name, compress_to_fp16=False)
+            backup = final_dir.with_name(".openvino-previous")
+            shutil.rmtree(backup, ignore_errors=True)
+            if final_dir.exists():
+                final_dir.rename(backup)
+            tagged.rename(final_dir)
+            shutil.rmtree(backup, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return final_dir / staged_xml.name

@@ -1,0 +1,374 @@
+"""Units of SimpleSliceNet: features, depth mean, flow, losses, anomaly map, torch and Lightning model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F  # noqa: N812
+
+from simpleslicenet.models.simpleslicenet import SimpleSliceNet, SimpleSliceNetModel
+from simpleslicenet.models.simpleslicenet.anomaly_map import AnomalyMapGenerator, likelihood_to_score
+from simpleslicenet.models.simpleslicenet.features import (
+    SliceFeatureExtractor,
+    aggregate_depth,
+    channel_pool,
+    depth_cell_centres,
+    positional_encoding_2d,
+)
+from simpleslicenet.models.simpleslicenet.flow import ConditionalFlow, log_likelihood
+from simpleslicenet.models.volume_ops import gaussian_blur_3d
+from simpleslicenet.models.simpleslicenet.loss import (
+    BoundaryGuidedSemiPushPullLoss,
+    TripletLikelihoodLoss,
+    abnormal_focal_weights,
+    add_feature_noise,
+    normal_boundary,
+    normal_focal_weights,
+)
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="session")
+def tiny_model() -> SimpleSliceNetModel:
+    torch.manual_seed(0)
+    return SimpleSliceNetModel(flow_blocks=2, condition_dim=16, smoothing_sigma=1.0).eval()
+
+
+@pytest.fixture(scope="session")
+def volume() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(16, 3, 32, 32, generator=generator)
+
+
+# ------------------------------------------------------------------------------------------ features
+def unfolded_embedding(maps: list[torch.Tensor], layer_dim: int, out_dim: int) -> torch.Tensor:
+    """The original formulation: unfold 3×3 patches, upsample, 1-D adaptive pooling per layer and fused."""
+    reference_size = maps[0].shape[-2:]
+    per_layer = []
+    for feature_map in maps:
+        batch, channels, height, width = feature_map.shape
+        patches = F.unfold(feature_map, kernel_size=3, padding=1).view(batch, channels * 9, height, width)
+        if (height, width) != reference_size:
+            patches = F.interpolate(patches, size=reference_size, mode="bilinear", align_corners=False)
+        rows = patches.permute(0, 2, 3, 1).reshape(-1, 1, channels * 9)
+        per_layer.append(F.adaptive_avg_pool1d(rows, layer_dim))
+    fused = F.adaptive_avg_pool1d(torch.cat(per_layer, dim=2), out_dim)
+    batch = maps[0].shape[0]
+    return fused.view(batch, *reference_size, out_dim).permute(0, 3, 1, 2)
+
+
+def test_pooled_features_equal_the_unfolded_original() -> None:
+    generator = torch.Generator().manual_seed(0)
+    maps = [torch.randn(2, 48, 8, 8, generator=generator), torch.randn(2, 96, 4, 4, generator=generator)]
+    pooled = SliceFeatureExtractor(torch.nn.Identity(), [48, 96], embed_dim=16).embed(maps)
+    assert pooled.shape == (2, 16, 8, 8)
+    torch.testing.assert_close(pooled, unfolded_embedding(maps, 16, 16), rtol=0, atol=1e-5)
+
+
+def test_pooled_features_equal_unfolded_on_the_real_backbone(tiny_model, volume) -> None:
+    backbone = tiny_model.encoder.backbone
+    maps = backbone(volume[:4])
+    pooled = SliceFeatureExtractor(backbone, [40, 112], embed_dim=8).embed(maps)
+    torch.testing.assert_close(pooled, unfolded_embedding(maps, 8, 8), rtol=0, atol=1e-5)
+
+
+def test_channel_pool_matches_adaptive_pooling_for_any_size() -> None:
+    features = torch.randn(2, 40, 3, 5)
+    for out_channels in (8, 7, 40, 64):
+        expected = F.adaptive_avg_pool1d(features.permute(0, 2, 3, 1).reshape(-1, 1, 40), out_channels)
+        expected = expected.view(2, 3, 5, out_channels).permute(0, 3, 1, 2)
+        torch.testing.assert_close(channel_pool(features, out_channels), expected, rtol=0, atol=1e-6)
+
+
+def test_native_channels_are_concatenated_without_embed_dim() -> None:
+    maps = [torch.randn(1, 4, 6, 6), torch.randn(1, 6, 3, 3)]
+    fused = SliceFeatureExtractor(torch.nn.Identity(), [4, 6], embed_dim=None).embed(maps)
+    assert fused.shape == (1, 10, 6, 6)
+    torch.testing.assert_close(fused[:, :4], F.avg_pool2d(maps[0], 3, 1, 1, count_include_pad=True))
+
+
+def test_positional_encoding_2d_varies_along_both_axes() -> None:
+    code = positional_encoding_2d(16, 5, 7)
+    assert code.shape == (16, 5, 7)
+    assert torch.equal(code[:8, 0], code[:8, 4])  # the column half ignores the row
+    assert torch.equal(code[8:, :, 0], code[8:, :, 6])  # the row half ignores the column
+    assert not torch.equal(code[:, 1, 2], code[:, 2, 1])
+
+
+# ------------------------------------------------------------------------------------ depth average
+def test_aggregate_depth_stride_3_means_disjoint_triplets() -> None:
+    features = torch.randn(16, 4, 2, 3)
+    cells = aggregate_depth(features, window=3, stride=3)
+    assert cells.shape == (6, 4, 2, 3)
+    for cell in range(5):
+        torch.testing.assert_close(cells[cell], features[3 * cell : 3 * cell + 3].mean(0))
+    torch.testing.assert_close(cells[5], features[15])  # the edge cell averages the one slice it has
+    assert depth_cell_centres(16, 3, 3).tolist() == [1, 4, 7, 10, 13, 16]
+
+
+def test_aggregate_depth_is_permutation_invariant_within_a_window() -> None:
+    features = torch.randn(9, 5, 2, 2)
+    shuffled = features[[2, 0, 1, 5, 3, 4, 8, 7, 6]]
+    torch.testing.assert_close(aggregate_depth(shuffled), aggregate_depth(features))
+    # ...but not across windows.
+    assert not torch.allclose(aggregate_depth(features[[3, 1, 2, 0, 4, 5, 6, 7, 8]]), aggregate_depth(features))
+
+
+def test_aggregate_depth_stride_1_keeps_full_resolution() -> None:
+    features = torch.randn(7, 3, 2, 2)
+    cells = aggregate_depth(features, window=3, stride=1)
+    assert cells.shape == features.shape
+    torch.testing.assert_close(cells[3], features[2:5].mean(0))
+    torch.testing.assert_close(cells[0], features[0:2].mean(0))
+    torch.testing.assert_close(cells[6], features[5:7].mean(0))
+    torch.testing.assert_close(aggregate_depth(features, window=1, stride=1), features)
+    with pytest.raises(ValueError, match="stride"):
+        aggregate_depth(features, window=1, stride=3)
+
+
+# ---------------------------------------------------------------------------------------------- flow
+def test_log_likelihood_of_identity_is_the_standard_normal_per_dimension() -> None:
+    z = torch.randn(10, 6)
+    expected = torch.distributions.Normal(0.0, 1.0).log_prob(z).mean(dim=1)
+    torch.testing.assert_close(log_likelihood(z, torch.zeros(10)), expected)
+    torch.testing.assert_close(log_likelihood(z, torch.full((10,), 3.0)), expected + 0.5)
+
+
+def test_flow_training_on_gaussian_data_raises_the_likelihood() -> None:
+    torch.manual_seed(0)
+    flow = ConditionalFlow(dims=8, condition_dims=4, blocks=2)
+    mean, scale = torch.linspace(-2, 2, 8), torch.linspace(0.2, 1.5, 8)
+    data = torch.randn(512, 8) * scale + mean
+    conditions = torch.randn(512, 4)
+    held_out = torch.randn(256, 8) * scale + mean
+    held_conditions = torch.randn(256, 4)
+    with torch.no_grad():
+        before = flow.log_likelihood(held_out, held_conditions)
+    assert before.shape == (256,) and torch.isfinite(before).all()
+    optimizer = torch.optim.Adam([p for p in flow.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(80):
+        optimizer.zero_grad()
+        (-flow.log_likelihood(data, conditions).mean()).backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = flow.log_likelihood(held_out, held_conditions).mean()
+    # The true density's per-dimension log-likelihood, the ceiling a perfect fit reaches.
+    true = torch.distributions.Normal(mean, scale).log_prob(held_out).mean()
+    assert after > before.mean() + 0.5
+    assert after > true - 0.25
+
+
+def test_flow_construction_is_reproducible_under_a_seed() -> None:
+    torch.manual_seed(3)
+    first = ConditionalFlow(dims=6, condition_dims=4, blocks=2)
+    torch.manual_seed(3)
+    second = ConditionalFlow(dims=6, condition_dims=4, blocks=2)
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+# -------------------------------------------------------------------------------------------- losses
+def test_normal_boundary_is_the_lower_5_percent_quantile() -> None:
+    values = torch.arange(200.0)[torch.randperm(200)]
+    assert normal_boundary(values, beta=0.05).item() == 10.0
+    assert normal_boundary(values, beta=0.0).item() == 0.0
+
+
+def likelihoods() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    normal = -1.4 + 0.5 * torch.randn(256, generator=generator)
+    noised = -2.0 + 0.8 * torch.randn(256, generator=generator)
+    return normal, noised
+
+
+@pytest.mark.parametrize("loss", [BoundaryGuidedSemiPushPullLoss(), BoundaryGuidedSemiPushPullLoss(focal=False), TripletLikelihoodLoss()])
+def test_losses_fall_as_normals_rise_and_anomalies_sink(loss) -> None:
+    normal, noised = likelihoods()
+    base = loss(normal, noised)
+    assert torch.isfinite(base)
+    assert loss(normal + 0.5, noised) < base
+    assert loss(normal, noised - 0.5) < base
+
+
+@pytest.mark.parametrize("loss", [BoundaryGuidedSemiPushPullLoss(), TripletLikelihoodLoss()])
+def test_loss_gradients_push_normals_up_and_anomalies_down(loss) -> None:
+    normal, noised = (t.clone().requires_grad_(True) for t in likelihoods())
+    loss(normal, noised).backward()
+    assert (normal.grad <= 0).all() and (normal.grad < 0).any()
+    assert (noised.grad >= 0).all() and (noised.grad > 0).any()
+
+
+def test_bgspp_pushes_only_anomalies_above_the_abnormal_boundary() -> None:
+    loss = BoundaryGuidedSemiPushPullLoss(focal=False)
+    normal, noised = likelihoods()
+    noised = noised.clone().requires_grad_(True)
+    loss(normal, noised).backward()
+    _, b_abnormal = loss.boundaries(normal)
+    inside = noised.detach() / loss.normalizer >= b_abnormal
+    assert inside.any() and (~inside).any()
+    assert (noised.grad[~inside] == 0).all()
+    assert (noised.grad[inside] > 0).all()
+    # Pseudo-anomalies far below every boundary cost nothing beyond the likelihood term.
+    far = torch.full((256,), -100.0)
+    normal_only = BoundaryGuidedSemiPushPullLoss(focal=False, contrast_weight=0.0)(normal, far)
+    pull = loss(normal, far) - normal_only
+    assert pull >= 0
+    b_normal, _ = loss.boundaries(normal)
+    below = normal / loss.normalizer <= b_normal
+    torch.testing.assert_close(pull, (b_normal - normal[below] / loss.normalizer).mean())
+
+
+def test_focal_weights_stress_hard_examples_and_are_continuous() -> None:
+    scaled = torch.tensor([-0.1, -0.2 + 1e-4, -0.2, -0.5, -1.0])
+    weights = normal_focal_weights(scaled * 10)
+    assert weights[0] == 1 and math.isclose(weights[1].item(), 1.0)
+    assert abs(weights[2].item() - 1.0) < 0.1  # continuous at the threshold
+    assert weights[2] < weights[3] < weights[4]  # less likely normals weigh more
+    abnormal = abnormal_focal_weights(torch.tensor([-20.0, -10.0 + 1e-3, -5.0, -1.0]))
+    assert abnormal[0] == 1 and abs(abnormal[1].item() - 1.0) < 0.1
+    assert abnormal[1] < abnormal[2] < abnormal[3]  # more likely pseudo-anomalies weigh more
+
+
+def test_triplet_loss_is_likelihood_only_beyond_the_margin() -> None:
+    normal, _ = likelihoods()
+    loss = TripletLikelihoodLoss(margin=0.1)
+    far_below = loss(normal, normal - 0.2)
+    torch.testing.assert_close(far_below, -F.logsigmoid(normal).mean())
+    torch.testing.assert_close(loss(normal, normal), far_below + 0.1)
+    with pytest.raises(ValueError, match="pairs"):
+        loss(normal, normal[:10])
+
+
+def test_feature_noise_has_the_requested_scale() -> None:
+    generator = torch.Generator().manual_seed(0)
+    features = torch.zeros(4000, 16)
+    noised = add_feature_noise(features, 0.08, generator=generator)
+    assert abs(noised.std().item() - 0.08) < 0.002
+    mixed = add_feature_noise(torch.zeros(400, 256), [0.01, 0.3], generator=generator)
+    row_std = mixed.std(dim=1)
+    assert ((row_std < 0.03) | (row_std > 0.15)).all()
+    assert (row_std < 0.03).any() and (row_std > 0.15).any()
+
+
+# --------------------------------------------------------------------------------------- anomaly map
+def test_score_is_zero_at_the_most_likely_cell() -> None:
+    grid = torch.tensor([[[-1.0, -2.0], [-1.5, -3.0]]])
+    score = likelihood_to_score(grid)
+    assert score[0, 0, 0] == 0
+    torch.testing.assert_close(score[0, 1, 1], 1 - torch.exp(torch.tensor(-2.0)))
+
+
+def test_anomaly_map_upsamples_and_smooths() -> None:
+    grid = torch.full((6, 4, 4), -1.0)
+    grid[3, 2, 1] = -4.0
+    sharp = AnomalyMapGenerator(sigma=0).volume_map(grid, (16, 32, 32))
+    smooth = AnomalyMapGenerator(sigma=4).volume_map(grid, (16, 32, 32))
+    assert sharp.shape == smooth.shape == (16, 32, 32)
+    assert smooth.max() < sharp.max()
+    # Smoothing acts on the upsampled voxel map, not on the coarse cell grid.
+    torch.testing.assert_close(smooth, gaussian_blur_3d(sharp, 4.0))
+    assert (smooth > 1e-3).sum() > (sharp > 1e-3).sum()
+    images = AnomalyMapGenerator(sigma=2).image_maps(grid, (32, 32))
+    assert images.shape == (6, 32, 32)
+    assert images[0].abs().max() == 0  # a uniform image scores zero everywhere
+
+
+# -------------------------------------------------------------------------------------- torch model
+def test_forward_gives_slice_scores_and_a_voxel_map(tiny_model, volume) -> None:
+    with torch.no_grad():
+        prediction = tiny_model(volume)
+    assert prediction.pred_score.shape == (16,)
+    assert prediction.anomaly_map.shape == (16, 32, 32)
+    torch.testing.assert_close(prediction.pred_score, prediction.anomaly_map.flatten(1).amax(1))
+    assert torch.isfinite(prediction.anomaly_map).all()
+
+
+def test_forward_is_deterministic_under_a_seed(tiny_model, volume) -> None:
+    torch.manual_seed(0)
+    twin = SimpleSliceNetModel(flow_blocks=2, condition_dim=16, smoothing_sigma=1.0).eval()
+    with torch.no_grad():
+        first, again, other = tiny_model(volume), tiny_model(volume), twin(volume)
+    assert torch.equal(first.anomaly_map, again.anomaly_map)
+    torch.testing.assert_close(first.anomaly_map, other.anomaly_map, rtol=0, atol=0)
+
+
+def test_training_mode_exposes_features_and_conditions(volume) -> None:
+    torch.manual_seed(0)
+    model = SimpleSliceNetModel(flow_blocks=1, condition_dim=16, embed_dim=8, depth_position=True).train()
+    assert not model.encoder.backbone.training  # the frozen backbone keeps its batch-norm statistics
+    features, conditions = model(volume)
+    # 32×32 slices → 4×4 locations at stride 8; 16 slices → 6 depth cells.
+    assert features.shape == (6 * 4 * 4, 8)
+    assert conditions.shape == (6 * 4 * 4, 16 + 32)
+    assert not features.requires_grad
+
+
+# ---------------------------------------------------------------------------------- lightning model
+def volume_batch(volumes: list[torch.Tensor]):
+    from simpleslicenet.data.dataset import volume_to_batch
+    from simpleslicenet.data.batch import collate_volumes
+    from simpleslicenet.data.volume import from_slices
+
+    batches = []
+    for index, slices in enumerate(volumes):
+        image = from_slices(slices.numpy())  # [D, H, W] → canonical (x, y, z)
+        lesion = image > 0.97
+        batches.append(volume_to_batch(image, lesion_mask=lesion, volume_index=index))
+    return collate_volumes(batches)
+
+
+@pytest.fixture(scope="session")
+def lightning_model() -> SimpleSliceNet:
+    torch.manual_seed(0)
+    return SimpleSliceNet(flow_blocks=2, condition_dim=16, smoothing_sigma=1.0, features_per_step=24)
+
+
+def test_prediction_per_volume_never_mixes_volumes(lightning_model) -> None:
+    generator = torch.Generator().manual_seed(2)
+    first, second = torch.rand(9, 32, 32, generator=generator), torch.rand(7, 32, 32, generator=generator)
+    model = lightning_model.eval()
+    with torch.no_grad():
+        both = model.validation_step(volume_batch([first, second]))
+        alone = model.validation_step(volume_batch([second]))
+    assert both.anomaly_map.shape == (16, 32, 32) and both.pred_score.shape == (16,)
+    torch.testing.assert_close(both.anomaly_map[9:], alone.anomaly_map)
+    assert torch.unique(both.volume_score[:9]).numel() == 1
+    torch.testing.assert_close(both.volume_score[9:], alone.anomaly_map.max().expand(7))
+
+
+def test_training_steps_move_only_the_flow(lightning_model) -> None:
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader
+
+    generator = torch.Generator().manual_seed(3)
+    batches = [volume_batch([torch.rand(12, 32, 32, generator=generator)]) for _ in range(2)]
+    loader = DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch)
+    flow_before = [p.detach().clone() for p in lightning_model.model.flow.parameters()]
+    backbone_before = {k: v.clone() for k, v in lightning_model.model.encoder.backbone.state_dict().items()}
+    trainer = Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0,
+    )
+    trainer.fit(lightning_model, train_dataloaders=loader)
+    # 12 slices of 32×32 → 4 depth cells × 4×4 locations = 64 features: three flow steps of 24 per volume.
+    assert trainer.global_step == 6
+    assert any(not torch.equal(a, b) for a, b in zip(flow_before, lightning_model.model.flow.parameters()))
+    for key, value in lightning_model.model.encoder.backbone.state_dict().items():
+        assert torch.equal(value, backbone_before[key]), key
+    assert torch.isfinite(trainer.callback_metrics["train_loss"])
+
+
+def test_two_dimensional_mode_on_plain_images() -> None:
+    from anomalib.data import ImageBatch
+
+    torch.manual_seed(0)
+    model = SimpleSliceNet(flow_blocks=1, condition_dim=16, smoothing_sigma=1.0, mode="2d").eval()
+    batch = ImageBatch(image=torch.rand(3, 3, 32, 32))
+    with torch.no_grad():
+        predicted = model.validation_step(batch)
+    assert predicted.anomaly_map.shape == (3, 32, 32)
+    assert predicted.pred_score.shape == (3,)
+    with pytest.raises(ValueError, match="mode"):
+        SimpleSliceNet(mode="volumetric")

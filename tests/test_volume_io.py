@@ -1,0 +1,229 @@
+"""NIfTI volume layer: read → crop → uncrop → write round trips, orientation, resampling, scaling."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from simpleslicenet.data.volume import (
+    crop_or_pad,
+    crop_start_for,
+    from_slices,
+    load_volume,
+    read_nifti,
+    scale_intensity,
+    to_slices,
+    uncrop,
+    write_nifti,
+)
+
+SHAPE = (40, 48, 30)  # on-disk array shape (i, j, k)
+TARGET = (32, 56, 16)  # crops x and z, pads y: both directions of crop_or_pad are exercised
+
+# Voxel-to-world affines of differently oriented files (1 mm, plus one 1×1×2 mm anisotropic).
+AFFINES = {
+    "RAS": np.diag([1.0, 1.0, 1.0, 1.0]),
+    "LPS": np.array([[-1.0, 0, 0, 39], [0, -1.0, 0, 47], [0, 0, 1.0, -5], [0, 0, 0, 1]]),
+    # Axes stored as (A, S, L): a permuted, flipped layout with 2 mm slices.
+    "ASL": np.array([[0, 0, -1.0, 20], [1.0, 0, 0, -10], [0, 2.0, 0, 3], [0, 0, 0, 1]]),
+}
+
+
+def head(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    """An ellipsoid 'brain' with a left-right/front-back asymmetric texture, zero background (int16)."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    inside = ((grid / np.array([0.8, 0.85, 0.8])[:, None, None, None]) ** 2).sum(0) < 1
+    texture = 400 + 150 * grid[0] + 90 * grid[1] - 60 * grid[2] + rng.integers(0, 60, shape)
+    return np.where(inside, texture, 0).astype(np.int16)
+
+
+@pytest.fixture(scope="session")
+def scans(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple]:
+    """One scan per orientation, written once: name -> (path, raw on-disk array, affine)."""
+    folder = tmp_path_factory.mktemp("volume_io")
+    out = {}
+    for name, affine in AFFINES.items():
+        data = head(SHAPE, seed=len(out))
+        path = folder / f"scan_{name}.nii.gz"
+        nib.save(nib.Nifti1Image(data, affine), path)
+        out[name] = (path, data, affine)
+    return out
+
+
+@pytest.mark.parametrize("orientation", list(AFFINES))
+def test_read_is_canonical_ras(scans: dict, orientation: str) -> None:
+    path, data, affine = scans[orientation]
+    image, geometry = read_nifti(path)
+    assert nib.aff2axcodes(geometry.canonical_affine) == ("R", "A", "S")
+    np.testing.assert_array_equal(geometry.affine, affine)
+    # The same world point must hold the same value in the file and in the canonical array.
+    voxel = np.array([7, 11, 13])
+    world = affine[:3, :3] @ voxel + affine[:3, 3]
+    canonical = geometry.canonical_affine
+    canonical_voxel = np.rint(np.linalg.solve(canonical[:3, :3], world - canonical[:3, 3]))
+    assert image[tuple(canonical_voxel.astype(int))] == data[tuple(voxel)]
+
+
+@pytest.mark.parametrize("orientation", list(AFFINES))
+def test_crop_uncrop_write_overlays_input(scans: dict, orientation: str, tmp_path) -> None:  # noqa: ANN001
+    path, data, affine = scans[orientation]
+    volume = load_volume(path, target_shape=TARGET, intensity="minmax")
+    assert volume.image.shape == TARGET
+    geometry = volume.geometry
+    assert geometry.crop_start[1] < 0  # y was padded
+
+    back = uncrop(volume.image, geometry)
+    inside = uncrop(np.ones(TARGET, dtype=np.float32), geometry)
+    out = write_nifti(back, geometry, tmp_path / "map.nii.gz")
+    written_inside = write_nifti(inside, geometry, tmp_path / "inside.nii.gz", dtype=np.uint8)
+
+    written = nib.load(out)
+    assert written.shape == SHAPE
+    np.testing.assert_allclose(written.affine, affine)
+    values = np.asarray(written.dataobj)
+    keep = np.asarray(nib.load(written_inside).dataobj) > 0
+    # The box keeps min(target, shape) voxels per canonical axis.
+    assert keep.sum() == np.prod(np.minimum(TARGET, geometry.original_shape))
+    expected = (data - data.min()) / (data.max() - data.min())
+    np.testing.assert_allclose(values[keep], expected[keep], atol=1e-6)
+    assert not values[~keep].any()
+
+
+def test_crop_or_pad_and_uncrop_are_inverse_inside_the_box() -> None:
+    array = np.random.default_rng(1).random((20, 9, 14)).astype(np.float32)
+    start = (3, -4, 5)
+    box = crop_or_pad(array, start, (10, 16, 6))
+    assert box.shape == (10, 16, 6)
+    np.testing.assert_array_equal(box[:, 4:13, :], array[3:13, :, 5:11])
+    assert not box[:, :4].any() and not box[:, 13:].any()
+
+
+def test_crop_start_centres_the_mask() -> None:
+    mask = np.zeros((40, 40, 40), dtype=bool)
+    mask[10:20, 5:35, 22:30] = True
+    start = crop_start_for(mask.shape, (16, 16, 16), mask)
+    assert start == (7, 12, 18)
+
+
+def test_resample_mm_round_trip(tmp_path) -> None:  # noqa: ANN001
+    # A linear ramp survives linear resampling exactly away from the borders.
+    affine = AFFINES["LPS"]
+    i, j, k = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in SHAPE], indexing="ij")
+    ramp = 100 + 2 * i + 3 * j + 5 * k
+    path = tmp_path / "ramp.nii.gz"
+    nib.save(nib.Nifti1Image(ramp, affine), path)
+
+    image, geometry = read_nifti(path, resample_mm=2.0)
+    assert np.allclose(np.abs(np.diag(geometry.canonical_affine)[:3]), 2.0)
+    assert nib.aff2axcodes(geometry.canonical_affine) == ("R", "A", "S")
+    assert all(abs(a - b / 2) <= 1 for a, b in zip(image.shape, SHAPE, strict=True))
+    assert geometry.file_shape == SHAPE
+
+    out = write_nifti(image, geometry, tmp_path / "back.nii.gz")
+    written = nib.load(out)
+    assert written.shape == SHAPE
+    np.testing.assert_allclose(written.affine, affine)
+    interior = (slice(3, -3),) * 3
+    np.testing.assert_allclose(np.asarray(written.dataobj)[interior], ramp[interior], rtol=1e-4)
+
+
+def test_resample_mm_through_load_volume(scans: dict) -> None:
+    path, _, _ = scans["RAS"]
+    volume = load_volume(path, target_shape=(16, 16, 8), resample_mm=2.0)
+    assert volume.image.shape == (16, 16, 8)
+    assert volume.brain_mask.any()
+
+
+@pytest.mark.parametrize("mode", ["percentile", "minmax"])
+def test_intensity_modes_in_unit_range(mode: str) -> None:
+    image = head(SHAPE).astype(np.float32) * 3.7 - 250.0  # negative values too
+    brain = image > image.min()
+    scaled = scale_intensity(image, brain, mode=mode)
+    assert scaled.dtype == np.float32
+    assert scaled.min() >= 0.0 and scaled.max() <= 1.0
+    if mode == "minmax":
+        assert scaled.min() == 0.0 and scaled.max() == 1.0
+        # Min-max is affine: the order of voxels is kept exactly.
+        np.testing.assert_allclose(scaled, (image - image.min()) / (image.max() - image.min()), atol=1e-6)
+    else:
+        assert not scaled[~brain].any()  # background is zeroed
+        high = np.percentile(image[brain], 99.5)
+        assert (scaled[image >= high] == 1.0).all()  # above the robust maximum: clipped
+
+
+def test_unknown_intensity_mode_is_refused() -> None:
+    image = head(SHAPE).astype(np.float32)
+    with pytest.raises(ValueError, match="zscore"):
+        scale_intensity(image, image > 0, mode="zscore")
+
+
+def test_to_slices_from_slices_inverse() -> None:
+    array = np.random.default_rng(2).random((5, 6, 7))
+    slices = to_slices(array)
+    assert slices.shape == (7, 6, 5)  # [D, H, W] = (z, y, x)
+    assert slices[3, 2, 1] == array[1, 2, 3]
+    np.testing.assert_array_equal(from_slices(slices), array)
+    assert from_slices(slices).flags["C_CONTIGUOUS"]
+
+
+# --- preprocessing ----------------------------------------------------------------------------
+
+
+def test_preprocess_aligns_a_moved_scaled_brain_to_mni(tmp_path) -> None:  # noqa: ANN001
+    from nilearn.datasets import load_mni152_brain_mask, load_mni152_template
+
+    from simpleslicenet.data.preprocess import preprocess_scan
+
+    template = np.asarray(load_mni152_template(resolution=1).dataobj, dtype=np.float32)
+    brain = np.asarray(load_mni152_brain_mask(resolution=1).dataobj) > 0
+    # The template brain at 2 mm, stored LPS, shifted and 10% larger in world space.
+    moved = (template * brain)[::-2, ::-2, ::2]
+    moved = (moved * 1000 / moved.max()).astype(np.int16)
+    affine = np.diag([-2.2, -2.2, 2.2, 1.0])
+    affine[:3, 3] = [110.0, 120.0, -60.0]
+    lesion = np.zeros(moved.shape, dtype=np.uint8)
+    lesion[45:55, 55:65, 45:50] = 1
+    nib.save(nib.Nifti1Image(moved, affine), tmp_path / "raw.nii.gz")
+    nib.save(nib.Nifti1Image(lesion, affine), tmp_path / "raw_mask.nii.gz")
+
+    out = tmp_path / "mni" / "case.nii.gz"
+    result = preprocess_scan(tmp_path / "raw.nii.gz", out, mask_path=tmp_path / "raw_mask.nii.gz")
+    written = nib.load(result.image_path)
+    assert written.shape == brain.shape and np.allclose(written.affine, load_mni152_template(resolution=1).affine)
+    aligned = np.asarray(written.dataobj) > 0
+    dice = 2 * (aligned & brain).sum() / (aligned.sum() + brain.sum())
+    assert dice > 0.95
+    assert result.brain_mask_path == tmp_path / "mni" / "case_brain.nii.gz" and result.brain_mask_path.exists()
+    # The lesion follows the scan: 10×10×5 voxels of 2.2 mm, shrunk back by 1.1 per axis, ≈ 4000 mm³.
+    carried = np.asarray(nib.load(result.mask_path).dataobj)
+    assert result.mask_path.name == "case_mask.nii.gz"
+    assert abs(int(carried.sum()) - 4000) < 0.15 * 4000
+    assert carried[aligned == 0].sum() == 0  # inside the brain
+
+    before = out.read_bytes()
+    with pytest.raises(FileExistsError, match="case.nii.gz"):
+        preprocess_scan(tmp_path / "raw.nii.gz", out)
+    assert out.read_bytes() == before
+
+
+def test_preprocess_without_registration_reorients_and_resamples(scans: dict, tmp_path) -> None:  # noqa: ANN001
+    from simpleslicenet.data.preprocess import preprocess_scan
+
+    path, _, _ = scans["LPS"]
+    result = preprocess_scan(path, tmp_path / "ras.nii.gz", register=False, resample_mm=2.0, write_brain_mask=False)
+    written = nib.load(result.image_path)
+    assert nib.aff2axcodes(written.affine) == ("R", "A", "S")
+    np.testing.assert_allclose(np.abs(np.diag(written.affine)[:3]), 2.0)
+    assert all(abs(a - b / 2) <= 1 for a, b in zip(written.shape, SHAPE, strict=True))
+    assert result.brain_mask_path is None
+    # Same world extent: the brain's centre of mass stays put (within a voxel).
+    original, geometry = read_nifti(path)
+
+    def centre(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        return affine[:3, :3] @ np.argwhere(data > 0).mean(0) + affine[:3, 3]
+
+    np.testing.assert_allclose(
+        centre(np.asarray(written.dataobj), written.affine), centre(original, geometry.canonical_affine), atol=2.0
+    )
