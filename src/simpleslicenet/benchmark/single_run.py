@@ -41,17 +41,24 @@ def _pre_process(model, batch):  # noqa: ANN001, ANN202
     return batch
 
 
-def evaluate_model(model, dataloader, device: str = "cpu", on_batch=None) -> tuple[object, list[float]]:  # noqa: ANN001
+def evaluate_model(  # noqa: ANN201
+    model,  # noqa: ANN001
+    dataloader,  # noqa: ANN001
+    device: str = "cpu",
+    on_batch=None,  # noqa: ANN001
+    val_threshold: float | None = None,
+):
     """Raw (un-normalised) predictions of ``model`` on every volume, with per-volume wall times.
 
     Returns the metric accumulator filled with every volume and the list of seconds per volume.
-    ``on_batch(batch)`` is called with each predicted batch (e.g. to draw an example).
+    ``on_batch(batch)`` is called with each predicted batch (e.g. to draw an example);
+    ``val_threshold`` (chosen on the validation split) makes the test Dice exact.
     """
     import torch
 
     from simpleslicenet.metrics import VolumeMetricAccumulator
 
-    accumulator = VolumeMetricAccumulator()
+    accumulator = VolumeMetricAccumulator(val_threshold=val_threshold)
     seconds = []
     model.eval().to(device)
     with torch.no_grad():
@@ -145,7 +152,7 @@ def run_single(spec: dict, out_dir: Path) -> dict:
     n_train = len(datamodule.train_data)
 
     val_acc, _ = evaluate_model(model, datamodule.val_dataloader(), device)
-    threshold = val_acc.best_threshold()
+    threshold = val_acc.threshold_for_max_dice()
     example = out_dir / "example.png"
     drew = []
 
@@ -153,8 +160,8 @@ def run_single(spec: dict, out_dir: Path) -> dict:
         if not drew and batch.gt_mask.any():
             drew.append(_save_example(batch, example, spec["label"]))
 
-    test_acc, seconds = evaluate_model(model, datamodule.test_dataloader(), device, on_batch=draw)
-    metrics = test_acc.compute(val_threshold=threshold)
+    test_acc, seconds = evaluate_model(model, datamodule.test_dataloader(), device, draw, threshold)
+    metrics = test_acc.compute()
     timed = seconds[1:] or seconds  # the first volume pays for lazy initialisation
     params = sum(p.numel() for p in model.model.parameters())
     trainable = sum(p.numel() for p in model.model.parameters() if p.requires_grad)
