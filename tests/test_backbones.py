@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
-
-import pytest
 
 from simpleslicenet.models.backbones import (
     BackboneWeightsError,

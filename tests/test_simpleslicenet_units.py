@@ -18,7 +18,6 @@ from simpleslicenet.models.simpleslicenet.features import (
     positional_encoding_2d,
 )
 from simpleslicenet.models.simpleslicenet.flow import ConditionalFlow, log_likelihood
-from simpleslicenet.models.volume_ops import gaussian_blur_3d
 from simpleslicenet.models.simpleslicenet.loss import (
     BoundaryGuidedSemiPushPullLoss,
     TripletLikelihoodLoss,
@@ -27,6 +26,7 @@ from simpleslicenet.models.simpleslicenet.loss import (
     normal_boundary,
     normal_focal_weights,
 )
+from simpleslicenet.models.volume_ops import gaussian_blur_3d
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -183,7 +183,9 @@ def likelihoods() -> tuple[torch.Tensor, torch.Tensor]:
     return normal, noised
 
 
-@pytest.mark.parametrize("loss", [BoundaryGuidedSemiPushPullLoss(), BoundaryGuidedSemiPushPullLoss(focal=False), TripletLikelihoodLoss()])
+@pytest.mark.parametrize(
+    "loss", [BoundaryGuidedSemiPushPullLoss(), BoundaryGuidedSemiPushPullLoss(focal=False), TripletLikelihoodLoss()]
+)
 def test_losses_fall_as_normals_rise_and_anomalies_sink(loss) -> None:
     normal, noised = likelihoods()
     base = loss(normal, noised)
@@ -307,8 +309,8 @@ def test_training_mode_exposes_features_and_conditions(volume) -> None:
 
 # ---------------------------------------------------------------------------------- lightning model
 def volume_batch(volumes: list[torch.Tensor]):
-    from simpleslicenet.data.dataset import volume_to_batch
     from simpleslicenet.data.batch import collate_volumes
+    from simpleslicenet.data.dataset import volume_to_batch
     from simpleslicenet.data.volume import from_slices
 
     batches = []
@@ -348,8 +350,13 @@ def test_training_steps_move_only_the_flow(lightning_model) -> None:
     flow_before = [p.detach().clone() for p in lightning_model.model.flow.parameters()]
     backbone_before = {k: v.clone() for k, v in lightning_model.model.encoder.backbone.state_dict().items()}
     trainer = Trainer(
-        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        num_sanity_val_steps=0,
     )
     trainer.fit(lightning_model, train_dataloaders=loader)
     # 12 slices of 32×32 → 4 depth cells × 4×4 locations = 64 features: three flow steps of 24 per volume.

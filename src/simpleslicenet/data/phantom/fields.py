@@ -9,7 +9,6 @@ interpolating a full-resolution random volume.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 __all__ = ["ControlGrid", "bspline_weights"]
 
@@ -82,16 +81,20 @@ class ControlGrid:
         """Upper bound of ``|field|`` anywhere (B-spline weights are positive and sum to one)."""
         return float(np.abs(self.coefficients).max()) if self.coefficients.size else 0.0
 
-    def evaluate(self, box: tuple[slice, slice, slice] | None = None) -> torch.Tensor:
-        """Field values ``[C, bx, by, bz]`` (float32 tensor) on a box of the grid (default: all of it)."""
+    def evaluate(self, box: tuple[slice, slice, slice] | None = None) -> np.ndarray:
+        """Field values ``[C, bx, by, bz]`` (float32) on a box of the grid (default: all of it)."""
         if box is None:
             box = tuple(slice(0, n) for n in self.shape)
-        weights = [
-            torch.from_numpy(bspline_weights(np.arange(s.start, s.stop), self.grid_step, n))
-            for s, n in zip(box, self.coefficients.shape[1:], strict=True)
-        ]
-        field = torch.from_numpy(self.coefficients)
-        # Contract one axis at a time, smallest result first: [C,nx,ny,nz] -> [C,nx,ny,bz] -> ... -> [C,bx,by,bz].
-        field = field @ weights[2].T
-        field = torch.einsum("cxyz,by->cxbz", field, weights[1])
-        return torch.einsum("cxyz,ax->cayz", field, weights[0]).contiguous()
+        return self.evaluate_at(*(np.arange(s.start, s.stop) for s in box))
+
+    def evaluate_at(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Field values ``[C, len(x), len(y), len(z)]`` (float32) on a lattice of voxel positions."""
+        wx, wy, wz = (
+            bspline_weights(positions, self.grid_step, n)
+            for positions, n in zip((x, y, z), self.coefficients.shape[1:], strict=True)
+        )
+        # One axis at a time. Plain einsum loops rather than BLAS: the operands are small, and a BLAS
+        # thread pool costs more to wake on a busy CPU than the arithmetic itself.
+        field = np.einsum("cxyz,bz->cxyb", self.coefficients, wz)
+        field = np.einsum("cxyb,ay->cxab", field, wy)
+        return np.einsum("cxab,ex->ceab", field, wx)

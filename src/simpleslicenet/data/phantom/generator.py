@@ -141,23 +141,69 @@ class _SubjectWarp:
         stop = np.minimum(np.ceil(points.max(axis=0)).astype(int) + 2, self.template.shape)
         return tuple(slice(int(a), int(max(a, b))) for a, b in zip(start, stop, strict=True))
 
-    def sampling_grid(self, box: tuple[slice, slice, slice]) -> torch.Tensor:
-        """``[1, bx, by, bz, 3]`` grid for ``F.grid_sample`` (align_corners=True) over the box."""
-        deformation = self.deformation.evaluate(box)
-        axes = [torch.arange(s.start, s.stop, dtype=torch.float64) - c for s, c in zip(box, self.centre, strict=True)]
-        grid = torch.empty((*deformation.shape[1:], 3), dtype=torch.float32)
+    def brain_box(self, step: int) -> tuple[slice, slice, slice]:
+        """Output voxels that can hold brain: :meth:`output_box` tightened by a coarse look-up.
+
+        The template's brain mask is sampled on the ``step``-voxel lattice; the box keeps two lattice
+        cells of margin around every lattice point that touches brain, far more than the distance from
+        any brain voxel to such a point.
+        """
+        box = self.output_box()
+        lattice, positions = self._lattice(box, step)
+        brain = torch.from_numpy(self.template.brain)[None, None]
+        touched = F.grid_sample(brain, lattice.permute(0, 2, 3, 4, 1), align_corners=True)[0, 0] > 0
+        if not touched.any():
+            return box
+        cells = np.argwhere(touched.numpy())
+        lo, hi = cells.min(axis=0) - 2, cells.max(axis=0) + 2
+        tight = []
+        for axis, where in enumerate(positions):
+            start = int(where[max(lo[axis], 0)])
+            stop = int(where[min(hi[axis], len(where) - 1)]) + 1
+            tight.append(slice(max(start, box[axis].start), min(stop, box[axis].stop)))
+        return tuple(tight)
+
+    def _lattice(self, box: tuple[slice, slice, slice], step: int) -> tuple[torch.Tensor, list[np.ndarray]]:
+        """Grid coordinates ``[1, 3, cx, cy, cz]`` at the multiples of ``step`` that span the box.
+
+        The lattice is anchored to the whole grid, not to the box, so the warp of a voxel does not
+        depend on which box it is computed in.
+        """
+        positions = [
+            np.arange(s.start // step, -(-(s.stop - 1) // step) + 1, dtype=np.float64) * step for s in box
+        ]
+        deformation = self.deformation.evaluate_at(*positions)
+        # Small arrays: numpy, which (unlike torch's thread pool) costs nothing to start on a busy CPU.
+        axes = [p - c for p, c in zip(positions, self.centre, strict=True)]
+        lattice = np.empty((1, 3, *(len(p) for p in positions)), dtype=np.float32)
         for axis in range(3):
             row = self.matrix[axis]
             constant = self.centre[axis] + self.shift[axis] - self.offset[axis]
             position = (
-                (row[0] * axes[0] + constant).float().view(-1, 1, 1)
-                + (row[1] * axes[1]).float().view(1, -1, 1)
-                + (row[2] * axes[2]).float().view(1, 1, -1)
+                (row[0] * axes[0] + constant)[:, None, None]
+                + (row[1] * axes[1])[None, :, None]
+                + (row[2] * axes[2])[None, None, :]
                 + deformation[axis]
             )
             # grid_sample reads (W, H, D) = (z, y, x) coordinates scaled to [-1, 1].
-            grid[..., 2 - axis] = position * (2.0 / (self.extent[axis] - 1.0)) - 1.0
-        return grid.unsqueeze(0)
+            lattice[0, 2 - axis] = position * (2.0 / (self.extent[axis] - 1.0)) - 1.0
+        lattice = torch.from_numpy(lattice)
+        return lattice, positions
+
+    def sampling_grid(self, box: tuple[slice, slice, slice], step: int = 1) -> torch.Tensor:
+        """``[1, bx, by, bz, 3]`` grid for ``F.grid_sample`` (align_corners=True) over the box.
+
+        With ``step > 1`` the map is computed every ``step`` voxels and upsampled trilinearly: exact
+        for the affine part, and the B-spline part is smooth on that scale (at 1 mm and a 4-voxel step
+        it moves no voxel by more than 0.15 voxel).
+        """
+        lattice, positions = self._lattice(box, step)
+        if step > 1:
+            size = tuple(int(p[-1] - p[0]) + 1 for p in positions)
+            lattice = F.interpolate(lattice, size=size, mode="trilinear", align_corners=True)
+            crop = tuple(slice(s.start - int(p[0]), s.stop - int(p[0])) for s, p in zip(box, positions, strict=True))
+            lattice = lattice[(slice(None), slice(None), *crop)]
+        return lattice.permute(0, 2, 3, 4, 1).contiguous()
 
     def displacement_to_grid(self, displacement: np.ndarray) -> torch.Tensor:
         """Output-space displacement ``[..., 3]`` (voxels, x y z) as a change of grid coordinates."""
@@ -213,8 +259,9 @@ def generate_subject(
 
     tissue = draw_intensities(intensity_rng, contrast, options.gain, options.intensity_scale)
     warp = _SubjectWarp(template, anatomy_rng, options)
-    box = warp.output_box()
-    grid = warp.sampling_grid(box)
+    step = max(1, int(4.0 / template.spacing_mm))  # warp computed every ~4 mm, then interpolated
+    box = warp.brain_box(step)
+    grid = warp.sampling_grid(box, step)
     # Trilinear sampling is linear, so mixing the tissue maps first and warping once equals warping
     # each map and mixing afterwards, at a third of the cost.
     mixed = tissue.csf * template.csf + tissue.gm * template.gm + tissue.wm * template.wm
@@ -251,7 +298,7 @@ def generate_subject(
             lesion_entries.append(entry)
 
     bias = ControlGrid.random(scanner_rng, shape, options.bias_grid_mm / template.spacing_mm, options.bias_strength)
-    image[box] *= torch.exp(bias.evaluate(box)[0]).numpy()
+    image[box] *= np.exp(bias.evaluate(box)[0])
     noise_std = float(scanner_rng.uniform(*options.noise)) * tissue.brightest_tissue
     signal = image[brain]
     real = signal + np.float32(noise_std) * scanner_rng.standard_normal(signal.shape, dtype=np.float32)

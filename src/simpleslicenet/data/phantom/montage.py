@@ -11,6 +11,7 @@ import argparse
 import os
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import nibabel as nib
@@ -84,13 +85,12 @@ def save_montage(
     fig.suptitle(f"Brain phantom, {contrast.upper()}, {manifest['parameters']['spacing_mm']:g} mm (red: lesion mask)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.png")
     try:
         fig.savefig(tmp, dpi=dpi)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     finally:
         plt.close(fig)
@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         seconds = time.perf_counter() - start
         save_montage(root, args.output, n_subjects=args.subjects)
-    print(f"{args.output}: {args.subjects} subjects at {args.spacing_mm:g} mm, {seconds / args.subjects:.2f} s per subject")
+    per_subject = seconds / args.subjects
+    print(f"{args.output}: {args.subjects} subjects at {args.spacing_mm:g} mm ({per_subject:.2f} s each to generate and write)")
 
 
 if __name__ == "__main__":

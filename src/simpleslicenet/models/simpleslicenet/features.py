@@ -19,8 +19,8 @@ from torch.nn import functional as F  # noqa: N812
 __all__ = [
     "SliceFeatureExtractor",
     "aggregate_depth",
-    "depth_cell_centres",
     "channel_pool",
+    "depth_cell_centres",
     "pool_neighbourhood",
     "positional_encoding_1d",
     "positional_encoding_2d",
@@ -104,9 +104,13 @@ class SliceFeatureExtractor(nn.Module):
         # follow the module's device; not persistent, they are recomputed from the arguments).
         for index, (channels, dim) in enumerate(zip(self.layer_channels, layer_dims, strict=True)):
             if channels % dim:
-                self.register_buffer(f"_layer_matrix_{index}", _adaptive_average_matrix(channels, dim), persistent=False)
+                self.register_buffer(
+                    f"_layer_matrix_{index}", _adaptive_average_matrix(channels, dim), persistent=False
+                )
         if sum(layer_dims) % self.out_dim:
-            self.register_buffer("_fuse_matrix", _adaptive_average_matrix(sum(layer_dims), self.out_dim), persistent=False)
+            self.register_buffer(
+                "_fuse_matrix", _adaptive_average_matrix(sum(layer_dims), self.out_dim), persistent=False
+            )
 
     def train(self, mode: bool = True) -> SliceFeatureExtractor:
         """The backbone is frozen: it stays in eval mode so batch-norm statistics never drift."""

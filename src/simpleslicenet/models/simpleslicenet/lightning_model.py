@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -33,7 +33,7 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torch import optim
+from torch import nn, optim
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from simpleslicenet.models.backbones import DEFAULT_BACKBONE
@@ -42,13 +42,58 @@ from simpleslicenet.models.volume_ops import volume_score
 from .loss import add_feature_noise, create_loss
 from .torch_model import SimpleSliceNetModel
 
-__all__ = ["SimpleSliceNet"]
+__all__ = ["SimpleSliceNet", "fit_flow_on_features"]
 
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MODES = ("auto", "3d", "2d")
+
+
+def fit_flow_on_features(
+    flow: nn.Module,
+    loss_function: nn.Module,
+    features: torch.Tensor,
+    conditions: torch.Tensor,
+    optimizer: optim.Optimizer,
+    features_per_step: int = 4096,
+    noise_std: float | Sequence[float] = 0.08,
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+) -> torch.Tensor:
+    """One pass over a batch's features in random order, one optimiser step per ``features_per_step``.
+
+    Each step puts the normal features and their noised copies through the flow together and
+    applies ``loss_function(normal_log_likelihood, noised_log_likelihood)``.
+
+    Args:
+        flow: :class:`~simpleslicenet.models.simpleslicenet.flow.ConditionalFlow`.
+        loss_function: Loss on paired per-dimension log-likelihoods.
+        features: ``[M, C]`` flow inputs (no gradient).
+        conditions: ``[M, P]`` their conditions.
+        optimizer: Optimiser of the flow.
+        features_per_step: Features per step (the last step takes the rest).
+        noise_std: ``σ`` of the pseudo-anomaly noise, or several to mix.
+        backward: How to back-propagate (Lightning's ``manual_backward`` inside a Trainer).
+
+    Returns:
+        Mean loss over the steps (detached).
+    """
+    order = torch.randperm(features.shape[0], device=features.device)
+    losses = []
+    for chunk in order.split(features_per_step):
+        normal = features[chunk]
+        condition = conditions[chunk]
+        noised = add_feature_noise(normal, noise_std)
+        # Normal features and their noised copies in one flow pass.
+        log_likelihood = flow.log_likelihood(torch.cat([normal, noised]), condition.repeat(2, 1))
+        normal_ll, noised_ll = log_likelihood.split(normal.shape[0])
+        loss = loss_function(normal_ll, noised_ll)
+        optimizer.zero_grad()
+        backward(loss)
+        optimizer.step()
+        losses.append(loss.detach())
+    return torch.stack(losses).mean()
 
 
 class SimpleSliceNet(AnomalibModule):
@@ -172,27 +217,21 @@ class SimpleSliceNet(AnomalibModule):
             The mean loss over the flow steps.
         """
         del args, kwargs
-        optimizer = self.optimizers()
         volumes = self._volume_rows(batch)
         features, conditions = self.model.training_features(
             batch.image,
             None if volumes is None else [rows for _, rows in volumes],
         )
-        order = torch.randperm(features.shape[0], device=features.device)
-        losses = []
-        for chunk in order.split(self.features_per_step):
-            normal = features[chunk]
-            condition = conditions[chunk]
-            noised = add_feature_noise(normal, self.noise_std)
-            # Normal features and their noised copies in one flow pass.
-            log_likelihood = self.model.flow.log_likelihood(torch.cat([normal, noised]), condition.repeat(2, 1))
-            normal_ll, noised_ll = log_likelihood.split(normal.shape[0])
-            loss = self.loss(normal_ll, noised_ll)
-            optimizer.zero_grad()
-            self.manual_backward(loss)
-            optimizer.step()
-            losses.append(loss.detach())
-        mean_loss = torch.stack(losses).mean()
+        mean_loss = fit_flow_on_features(
+            self.model.flow,
+            self.loss,
+            features,
+            conditions,
+            self.optimizers(),
+            features_per_step=self.features_per_step,
+            noise_std=self.noise_std,
+            backward=self.manual_backward,
+        )
         self.log("train_loss", mean_loss, on_epoch=True, prog_bar=True, logger=True, batch_size=1)
         return {"loss": mean_loss}
 

@@ -71,7 +71,9 @@ class SimpleSliceNetModel(nn.Module):
     ) -> None:
         super().__init__()
         if not 1 <= depth_stride <= depth_window:
-            msg = f"need 1 <= depth_stride <= depth_window, got depth_window={depth_window}, depth_stride={depth_stride}"
+            msg = (
+                f"need 1 <= depth_stride <= depth_window, got depth_window={depth_window}, depth_stride={depth_stride}"
+            )
             raise ValueError(msg)
         extractor = create_feature_extractor(backbone, layers, backbone_weights)
         self.encoder = SliceFeatureExtractor(
