@@ -195,7 +195,7 @@ def scaling(model, case: dict, autocast, synchronize) -> dict:
     volumes = {d: torch.randn(d, 3, height, width, device=device) for d in case["depths"]}
     timings: dict[int, list[float]] = {d: [] for d in case["depths"]}
     with torch.no_grad(), autocast:
-        for depth, images in volumes.items():
+        for images in volumes.values():
             model(images)  # warm-up per shape
         synchronize()
         for _ in range(case["repeats"]):
@@ -287,7 +287,8 @@ def markdown(report: dict) -> str:
         + (
             "peak allocated minus allocated before the measured work."
             if report["device"].startswith("cuda")
-            else "growth of the resident set's high-water mark over the model and inputs (Linux VmHWM, reset before the work)."
+            else "growth of the resident set's high-water mark over the model and inputs "
+            "(Linux VmHWM, reset before the work)."
         )
     )
     return "\n".join(lines)

@@ -84,15 +84,15 @@ def test_local_weights_file_in_both_layouts(tmp_path, imagenet_extractor, imagen
 
 def test_weights_file_errors_name_the_file(tmp_path) -> None:
     missing = tmp_path / "nowhere.pth"
-    with pytest.raises(BackboneWeightsError, match="nowhere.pth"):
+    with pytest.raises(BackboneWeightsError, match=r"nowhere\.pth"):
         create_feature_extractor("tf_efficientnet_lite0", weights=missing)
     partial = tmp_path / "partial.pth"
     torch.save({"conv_stem.weight": torch.zeros(32, 3, 3, 3)}, partial)
-    with pytest.raises(BackboneWeightsError, match="partial.pth.*missing"):
+    with pytest.raises(BackboneWeightsError, match=r"partial\.pth.*missing"):
         create_feature_extractor("tf_efficientnet_lite0", weights=partial)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(BackboneWeightsError, match="garbage.pth"):
+    with pytest.raises(BackboneWeightsError, match=r"garbage\.pth"):
         create_feature_extractor("tf_efficientnet_lite0", weights=garbage)
 
 

@@ -189,6 +189,13 @@ def test_cflow_slices_fit_test_predict(datamodule: VolumeDataModule, tmp_path: P
     engine.test(model=model, dataloaders=datamodule.test_dataloader())
     predictions = engine.predict(model=model, dataloaders=datamodule.test_dataloader())
     _check_volume_predictions(predictions, n_volumes=len(datamodule.test_data))
+    # A slice's map must not depend on the other slices of the batch (anomalib's CFLOW map does).
+    model.model.eval()
+    image = normalize(datamodule.test_data[0].image.float(), list(IMAGENET_MEAN), list(IMAGENET_STD))
+    whole = model.model(image).anomaly_map
+    for rows in (slice(0, DEPTH // 2), slice(DEPTH // 2, DEPTH)):
+        torch.testing.assert_close(whole[rows], model.model(image[rows]).anomaly_map, rtol=1e-4, atol=1e-4)
+    assert whole.std() > 0
 
 
 def test_offline_imagenet_weights_are_loaded() -> None:

@@ -361,7 +361,7 @@ def test_training_steps_move_only_the_flow(lightning_model) -> None:
     trainer.fit(lightning_model, train_dataloaders=loader)
     # 12 slices of 32×32 → 4 depth cells × 4×4 locations = 64 features: three flow steps of 24 per volume.
     assert trainer.global_step == 6
-    assert any(not torch.equal(a, b) for a, b in zip(flow_before, lightning_model.model.flow.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(flow_before, lightning_model.model.flow.parameters(), strict=True))
     for key, value in lightning_model.model.encoder.backbone.state_dict().items():
         assert torch.equal(value, backbone_before[key]), key
     assert torch.isfinite(trainer.callback_metrics["train_loss"])

@@ -44,7 +44,10 @@ def pool_neighbourhood(features: torch.Tensor, size: int = 3) -> torch.Tensor:
 
 
 def _adaptive_average_matrix(in_channels: int, out_channels: int) -> torch.Tensor:
-    """``[out, in]`` matrix of ``adaptive_avg_pool1d``: row i averages inputs ``floor(i·in/out) .. ceil((i+1)·in/out)``."""
+    """``[out, in]`` matrix of ``adaptive_avg_pool1d``.
+
+    Row ``i`` averages inputs ``floor(i·in/out)`` to ``ceil((i+1)·in/out)`` (exclusive).
+    """
     matrix = torch.zeros(out_channels, in_channels)
     for i in range(out_channels):
         start = (i * in_channels) // out_channels
