@@ -11,8 +11,9 @@ here, in a thin subclass made by :func:`slicewise`:
   of that map (inside the brain mask) is set on every row of the volume as ``volume_score``;
 * the **pre-processor** only applies ImageNet normalisation (no resize), so maps stay at slice size;
   with ``image_size`` it resizes first, as anomalib's own models do, and maps come out at that size;
-* the **visualizer** is off: anomalib's ``ImageVisualizer`` re-opens ``image_path`` with PIL, which
-  cannot read NIfTI;
+* the **visualizer** writes NIfTI maps (:class:`~simpleslicenet.visualization.VolumeMapWriter`):
+  anomalib's ``ImageVisualizer`` re-opens ``image_path`` with PIL, which cannot read NIfTI;
+* the **evaluator** reports volumetric metrics (:mod:`simpleslicenet.metrics`);
 * **offline weights**: timm cannot download here, so the wrapped model is built with
   ``pre_trained=False`` and ImageNet weights bundled with
   :mod:`simpleslicenet.models.backbones` are loaded into its timm feature extractor
@@ -60,6 +61,7 @@ from torch.nn import functional as F  # noqa: N812
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from simpleslicenet.data.batch import VolumeBatch
+from simpleslicenet.models.volume_model import VolumeModelMixin
 from simpleslicenet.models.volume_ops import volume_score
 
 __all__ = [
@@ -170,7 +172,7 @@ def load_offline_weights(model: torch.nn.Module, owner: str) -> list[str]:
     return loaded
 
 
-class SliceWiseMixin:
+class SliceWiseMixin(VolumeModelMixin):
     """Adds volume handling to an anomalib image model; put it first in the bases (see :func:`slicewise`).
 
     Args:
@@ -238,11 +240,6 @@ class SliceWiseMixin:
         if image_size is None:
             return PreProcessor(transform=normalize)
         return PreProcessor(transform=Compose([Resize(tuple(image_size), antialias=True), normalize]))
-
-    @classmethod
-    def configure_visualizer(cls) -> None:
-        """No visualizer: anomalib's ImageVisualizer re-opens ``image_path`` with PIL and fails on NIfTI."""
-        return
 
     def training_slices(self, batch: Any) -> Any:  # noqa: ANN401
         """The rows of ``batch`` used for training: brain slices, every ``train_slice_stride``-th one."""

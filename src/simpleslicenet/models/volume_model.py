@@ -65,6 +65,14 @@ class VolumeModelMixin:
         block = read_checkpoint_metadata(checkpoint) or {}
         self.volume_preprocessing = dict(block.get("preprocessing", {}))
 
+    @staticmethod
+    def configure_evaluator():  # noqa: ANN205
+        """Volumetric test metrics: brain-masked voxel AUROC/AUPRC, Dice at the validation threshold,
+        max Dice, slice and volume AUROC/AUPRC (see :mod:`simpleslicenet.metrics`)."""
+        from simpleslicenet.metrics import default_volume_evaluator
+
+        return default_volume_evaluator()
+
     @classmethod
     def configure_visualizer(cls):  # noqa: ANN206
         """NIfTI map writer instead of anomalib's PIL-based image visualizer."""

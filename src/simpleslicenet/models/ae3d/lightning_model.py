@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from simpleslicenet.data.batch import VolumeBatch
+from simpleslicenet.models.volume_model import VolumeModelMixin
 from simpleslicenet.models.volume_ops import volume_score
 
 from .torch_model import AutoEncoder3dModel, masked_reconstruction_loss
@@ -31,7 +32,7 @@ __all__ = ["AE3D"]
 LOSSES = ("l1", "mse")
 
 
-class AE3D(AnomalibModule):
+class AE3D(VolumeModelMixin, AnomalibModule):
     """3D convolutional autoencoder for unsupervised anomaly detection in brain MRI volumes.
 
     Args:
@@ -46,7 +47,7 @@ class AE3D(AnomalibModule):
         pre_processor: Pre-processor, or ``True`` for the default (identity: slices are already in ``[0, 1]``).
         post_processor: Post-processor or flag.
         evaluator: Evaluator or flag.
-        visualizer: Visualizer or flag (``True`` gives none: anomalib's image visualizer cannot read NIfTI).
+        visualizer: Visualizer or flag (``True``: NIfTI anomaly maps, see :class:`~simpleslicenet.visualization.VolumeMapWriter`).
 
     Example:
         >>> from anomalib.engine import Engine
@@ -100,11 +101,6 @@ class AE3D(AnomalibModule):
             msg = "AE3D reconstructs volumes on their own grid; resize them in the datamodule (target_shape)"
             raise ValueError(msg)
         return PreProcessor(transform=None)
-
-    @classmethod
-    def configure_visualizer(cls) -> None:
-        """No visualizer: anomalib's ImageVisualizer re-opens ``image_path`` with PIL and fails on NIfTI."""
-        return
 
     @staticmethod
     def configure_post_processor() -> PostProcessor:
