@@ -30,3 +30,37 @@ def phantom_datamodule(phantom_root: Path):  # noqa: ANN201
     datamodule.prepare_data()
     datamodule.setup()
     return datamodule
+
+
+# Small SimpleSliceNet settings for tests: real offline backbone, short flow, light smoothing.
+TINY_SIMPLESLICENET = {"flow_blocks": 2, "features_per_step": 256, "smoothing_sigma": 1.0}
+
+
+def tiny_engine(root: Path, max_epochs: int = 2, **kwargs):  # noqa: ANN201
+    """A quiet CPU anomalib Engine writing under ``root``."""
+    from anomalib.engine import Engine
+
+    return Engine(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=root,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="session")
+def trained_simpleslicenet(phantom_datamodule, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN001, ANN201
+    """SimpleSliceNet fitted on the tiny phantom through anomalib's Engine: ``(model, engine, checkpoint)``."""
+    from lightning.pytorch import seed_everything
+
+    from simpleslicenet.models.simpleslicenet import SimpleSliceNet
+
+    seed_everything(0)
+    model = SimpleSliceNet(**TINY_SIMPLESLICENET)
+    engine = tiny_engine(tmp_path_factory.mktemp("simpleslicenet"))
+    engine.fit(model, datamodule=phantom_datamodule)
+    return model, engine, Path(engine.trainer.checkpoint_callback.best_model_path)

@@ -18,7 +18,7 @@ import torch
 from simpleslicenet.data.dataset import volume_to_batch
 from simpleslicenet.data.volume import VolumeGeometry, from_slices, load_volume, uncrop
 from simpleslicenet.models.volume_model import METADATA_KEY
-from simpleslicenet.models.volume_ops import volume_score
+from simpleslicenet.models.volume_ops import restrict_to_brain, volume_score
 
 __all__ = ["VolumeInferencer", "VolumePrediction", "ModelFileError"]
 
@@ -106,7 +106,7 @@ class VolumeInferencer:
                 "export it with `simpleslicenet export` or `anomalib export` from a simpleslicenet checkpoint"
             )
             raise ModelFileError(msg)
-        self.metadata = json.loads(str(model.get_rt_info([METADATA_KEY])))
+        self.metadata = json.loads(model.get_rt_info([METADATA_KEY]).astype(str))
         self.backend = "openvino"
         config = {"INFERENCE_PRECISION_HINT": precision}
         self._compiled = core.compile_model(model, device.upper(), config)
@@ -158,9 +158,11 @@ class VolumeInferencer:
             resample_mm=prep.get("resample_mm"),
         )
         batch = volume_to_batch(volume.image, brain_mask=volume.brain_mask, geometry=volume.geometry)
-        amap, slice_scores = self.run_slices(batch.image.numpy())
-        brain = batch.brain_mask.numpy()
-        score = float(volume_score(torch.from_numpy(amap), torch.from_numpy(brain)))
+        raw_map, _ = self.run_slices(batch.image.numpy())
+        # As in training and testing: scores come from brain voxels only.
+        restricted, slice_scores = restrict_to_brain(torch.from_numpy(raw_map), batch.brain_mask)
+        score = float(volume_score(restricted, batch.brain_mask))
+        amap, slice_scores, brain = restricted.numpy(), slice_scores.numpy(), batch.brain_mask.numpy()
         full = uncrop(from_slices(amap), volume.geometry)
         return VolumePrediction(
             anomaly_map=full,

@@ -62,7 +62,7 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from simpleslicenet.data.batch import VolumeBatch
 from simpleslicenet.models.volume_model import VolumeModelMixin
-from simpleslicenet.models.volume_ops import volume_score
+from simpleslicenet.models.volume_ops import restrict_to_brain, volume_score
 
 __all__ = [
     "SliceWiseMixin",
@@ -257,17 +257,22 @@ class SliceWiseMixin(VolumeModelMixin):
         return take_rows(batch, keep)
 
     def add_volume_scores(self, batch: Any) -> Any:  # noqa: ANN401
-        """Set ``volume_score`` on every row from its volume's stacked slice maps (inside the brain)."""
+        """Restrict each volume's stacked slice maps to the brain (slice scores over brain voxels) and
+        set ``volume_score`` on every row."""
         if not isinstance(batch, VolumeBatch) or batch.anomaly_map is None:
             return batch
-        maps = _as_slice_maps(batch.anomaly_map)
+        maps = _as_slice_maps(batch.anomaly_map).clone()
+        slice_scores = torch.empty(batch.batch_size, dtype=maps.dtype, device=maps.device)
         scores = torch.empty(batch.batch_size, dtype=maps.dtype, device=maps.device)
         for _, rows in batch.volumes():
             brain = batch.brain_mask[rows] if batch.brain_mask is not None else None
             if brain is not None and brain.shape[-2:] != maps.shape[-2:]:
                 # Maps of a resizing pre-processor are at its size; the mask follows them.
                 brain = F.interpolate(brain[:, None].float(), size=maps.shape[-2:], mode="nearest")[:, 0]
+            maps[rows], slice_scores[rows] = restrict_to_brain(maps[rows], brain)
             scores[rows] = volume_score(maps[rows], brain, mode=self.volume_score_mode, topk_fraction=self.topk_fraction)
+        batch.anomaly_map = maps.reshape(batch.anomaly_map.shape)
+        batch.pred_score = slice_scores
         batch.volume_score = scores
         return batch
 

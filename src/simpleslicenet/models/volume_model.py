@@ -33,6 +33,13 @@ class VolumeModelMixin:
 
     volume_preprocessing: dict[str, Any]
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__name__.endswith("Mixin"):
+            from simpleslicenet.plugin import expose
+
+            expose(cls, "anomalib.models")
+
     def _ensure_metadata(self) -> dict[str, Any]:
         if not hasattr(self, "volume_preprocessing"):
             self.volume_preprocessing = {}
@@ -80,19 +87,39 @@ class VolumeModelMixin:
 
         return VolumeMapWriter()
 
-    def to_openvino(self, export_root: Path | str, model_file_name: str = "model", *args, **kwargs) -> Path:
+    def export_input_size(self, input_size: tuple[int, int] | None) -> tuple[int, int] | None:
+        """Slice size ``(H, W)`` of the export graph: the training grid's, unless given.
+
+        Only the number of slices stays dynamic; a fixed in-plane size keeps every feature map's size
+        static in the traced graph (tracing with dynamic H, W specialises the upsampling sizes).
+        """
+        target = self._ensure_metadata().get("target_shape")
+        if input_size is None and target:
+            return (int(target[1]), int(target[0]))  # grid is (x, y, z); slices are [H=y, W=x]
+        return input_size
+
+    def to_openvino(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        *args,
+        **kwargs,
+    ) -> Path:
         """anomalib's OpenVINO export, written atomically and tagged with :meth:`metadata`.
 
         The IR is produced in a temporary folder beside the destination and moved into place only
         when complete, so a failed export never leaves a half-written model where a good one was.
+        The graph takes one volume's slice stack ``[D, 3, H, W]`` with a dynamic ``D``.
         """
         import openvino as ov
 
+        input_size = self.export_input_size(input_size)
         final_dir = Path(export_root) / "weights" / "openvino"
         final_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".export-", dir=final_dir.parent))
         try:
-            staged_xml = super().to_openvino(staging, model_file_name, *args, **kwargs)
+            staged_xml = super().to_openvino(staging, model_file_name, input_size, *args, **kwargs)
             ov_model = ov.Core().read_model(staged_xml)
             ov_model.set_rt_info(json.dumps(self.metadata()), [METADATA_KEY])
             tagged = staging / "tagged"

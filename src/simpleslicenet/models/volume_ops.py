@@ -7,7 +7,7 @@ import math
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-__all__ = ["gaussian_kernel_1d", "gaussian_blur_3d", "slice_scores", "volume_score"]
+__all__ = ["gaussian_kernel_1d", "gaussian_blur_3d", "restrict_to_brain", "slice_scores", "volume_score"]
 
 
 def gaussian_kernel_1d(sigma: float, truncate: float = 3.0, device=None, dtype=torch.float32) -> torch.Tensor:  # noqa: ANN001
@@ -46,6 +46,22 @@ def gaussian_blur_3d(volume: torch.Tensor, sigma: float) -> torch.Tensor:
 def slice_scores(anomaly_map: torch.Tensor) -> torch.Tensor:
     """Score of each slice ``[D]``: the maximum of its map ``[D, H, W]``."""
     return anomaly_map.flatten(1).amax(dim=1)
+
+
+def restrict_to_brain(anomaly_map: torch.Tensor, brain_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One volume's map ``[D, H, W]`` with voxels outside the brain set to its lowest brain score, and
+    slice scores ``[D]`` taken over brain voxels only.
+
+    Scans are skull-stripped, so nothing outside the brain can be a lesion; left in, responses to the
+    background and to the crop border would decide the slice scores. The floor is the volume's own
+    minimum (not 0) because some models' scores are negative (log-likelihood maps).
+    """
+    if brain_mask is None or not brain_mask.any():
+        return anomaly_map, slice_scores(anomaly_map)
+    brain = brain_mask.bool()
+    floor = anomaly_map[brain].min()
+    restricted = torch.where(brain, anomaly_map, floor)
+    return restricted, slice_scores(restricted)
 
 
 def volume_score(

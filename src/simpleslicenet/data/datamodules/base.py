@@ -41,6 +41,12 @@ class VolumeDataModule(AnomalibDataModule):
         seed: Seed of the split.
     """
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        from simpleslicenet.plugin import expose
+
+        expose(cls, "anomalib.data")  # visible to anomalib by its short name as soon as it exists
+
     def __init__(
         self,
         root: str | Path,

@@ -37,7 +37,8 @@ from torch import nn, optim
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from simpleslicenet.models.backbones import DEFAULT_BACKBONE
-from simpleslicenet.models.volume_ops import volume_score
+from simpleslicenet.models.volume_model import VolumeModelMixin
+from simpleslicenet.models.volume_ops import restrict_to_brain, volume_score
 
 from .loss import add_feature_noise, create_loss
 from .torch_model import SimpleSliceNetModel
@@ -96,7 +97,7 @@ def fit_flow_on_features(
     return torch.stack(losses).mean()
 
 
-class SimpleSliceNet(AnomalibModule):
+class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
     """SimpleSliceNet as an anomalib one-class model.
 
     A batch is a :class:`~simpleslicenet.data.batch.VolumeBatch` of one or more whole volumes (their
@@ -154,6 +155,9 @@ class SimpleSliceNet(AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
+        if mode == "2d" and evaluator is True:
+            # Plain images carry no brain mask or volume index: anomalib's image/pixel metrics instead.
+            evaluator = AnomalibModule.configure_evaluator()
         super().__init__(
             pre_processor=pre_processor,
             post_processor=post_processor,
@@ -252,9 +256,10 @@ class SimpleSliceNet(AnomalibModule):
         for _, rows in volumes:
             predictions = self.model.predict_volume(batch.image[rows])
             mask = brain_mask[rows] if brain_mask is not None else None
-            score = volume_score(predictions.anomaly_map, mask, mode=self.volume_score_mode)
-            maps.append(predictions.anomaly_map)
-            slice_scores.append(predictions.pred_score)
+            anomaly_map, scores = restrict_to_brain(predictions.anomaly_map, mask)
+            score = volume_score(anomaly_map, mask, mode=self.volume_score_mode)
+            maps.append(anomaly_map)
+            slice_scores.append(scores)
             volume_scores.append(score.expand(rows.stop - rows.start))
         return batch.update(
             anomaly_map=torch.cat(maps),
@@ -288,11 +293,6 @@ class SimpleSliceNet(AnomalibModule):
         normalize = Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
         transform = normalize if image_size is None else Compose([Resize(image_size, antialias=True), normalize])
         return PreProcessor(transform=transform)
-
-    @classmethod
-    def configure_visualizer(cls) -> None:
-        """No default visualizer: anomalib's image visualizer re-opens ``image_path``, a NIfTI file here."""
-        return
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
