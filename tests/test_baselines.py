@@ -137,7 +137,7 @@ def test_patchcore_slices_fit_test_predict(fitted_patchcore: tuple, datamodule: 
         train_slices += int((volume.brain_mask.flatten(1).any(1) & (volume.slice_index % 2 == 0)).sum())
     assert model.model.memory_bank.shape == (int(train_slices * locations * 0.25), 40 + 112)
     results = engine.test(model=model, dataloaders=datamodule.test_dataloader())
-    assert "pixel_AUROC" in results[0]
+    assert {"voxel_AUROC", "voxel_AUPRC", "slice_AUROC", "volume_AUROC"} <= set(results[0])
     predictions = engine.predict(model=model, dataloaders=datamodule.test_dataloader())
     _check_volume_predictions(predictions, n_volumes=len(datamodule.test_data))
 
