@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +31,15 @@ import numpy as np
 from scipy import ndimage
 
 from simpleslicenet.data.datamodules.folder import BRAIN_SUFFIX, MASK_SUFFIX, find_scans, nifti_stem
-from simpleslicenet.data.volume import VolumeError, brain_mask_from_intensity, read_mask, read_nifti
+from simpleslicenet.data.volume import (
+    VolumeError,
+    brain_mask_from_intensity,
+    read_mask,
+    read_nifti,
+    save_nifti_atomic,
+)
 
-__all__ = ["PreprocessResult", "preprocess_scan", "preprocess_folder", "moment_alignment", "save_image"]
+__all__ = ["PreprocessResult", "preprocess_scan", "preprocess_folder", "moment_alignment"]
 
 
 @dataclass
@@ -52,28 +57,6 @@ class PreprocessResult:
     brain_mask_path: Path | None
     mask_path: Path | None
     output_to_input: np.ndarray
-
-
-def save_image(img: nib.Nifti1Image, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Save a NIfTI image atomically: temporary name in the same folder, then rename into place.
-
-    Raises:
-        FileExistsError: ``path`` exists and ``overwrite`` is false (the file is left untouched).
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: already exists (pass overwrite=True to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _world_moments(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -207,11 +190,11 @@ def preprocess_scan(
     if not out_image.any():
         raise VolumeError(in_path, "nothing of the scan is left after alignment and brain masking")
 
-    save_image(nib.Nifti1Image(out_image, out_affine), out_path, overwrite=overwrite)
+    save_nifti_atomic(nib.Nifti1Image(out_image, out_affine), out_path, overwrite=overwrite)
     if brain_out is not None:
-        save_image(nib.Nifti1Image(brain.astype(np.uint8), out_affine), brain_out, overwrite=overwrite)
+        save_nifti_atomic(nib.Nifti1Image(brain.astype(np.uint8), out_affine), brain_out, overwrite=overwrite)
     if mask_out is not None:
-        save_image(nib.Nifti1Image(out_lesion.astype(np.uint8), out_affine), mask_out, overwrite=overwrite)
+        save_nifti_atomic(nib.Nifti1Image(out_lesion.astype(np.uint8), out_affine), mask_out, overwrite=overwrite)
     return PreprocessResult(out_path, brain_out, mask_out, matrix)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import gzip
 import os
-import tempfile
+import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +30,7 @@ __all__ = [
     "read_nifti",
     "read_mask",
     "write_nifti",
+    "save_nifti_atomic",
     "brain_mask_from_intensity",
     "brain_bounding_box",
     "crop_or_pad",
@@ -245,15 +246,28 @@ def write_nifti(
         img = canonical.as_reoriented(transform)
     img.set_qform(geometry.affine, code=1)
     img.set_sform(geometry.affine, code=1)
+    return save_nifti_atomic(img, path, overwrite=True)
+
+
+def save_nifti_atomic(img: nib.Nifti1Image, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Save a NIfTI image under a temporary name in the destination folder, then rename it into place,
+    so an existing file is either fully replaced or left untouched.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is false (the file is left untouched).
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: already exists (pass overwrite=True to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    # Created by nibabel itself (not mkstemp), so the file gets the usual permissions.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{suffix}")
     try:
         nib.save(img, tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

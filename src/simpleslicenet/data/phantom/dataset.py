@@ -28,6 +28,7 @@ import numpy as np
 from simpleslicenet.data.phantom.contrasts import check_contrast
 from simpleslicenet.data.phantom.generator import PhantomOptions, PhantomSubject, generate_subject
 from simpleslicenet.data.phantom.templates import TEMPLATE_NAME, load_tissue_template
+from simpleslicenet.data.volume import save_nifti_atomic
 
 __all__ = [
     "MANIFEST_NAME",
@@ -72,17 +73,6 @@ def _temporary_twin(path: Path, suffix: str) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}{suffix}")
 
 
-def _save_atomic(image: nib.Nifti1Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_twin(path, ".nii.gz")
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_json_atomic(data: dict, path: Path) -> None:
     tmp = _temporary_twin(path, ".tmp")
     try:
@@ -105,9 +95,9 @@ def write_subject(subject: PhantomSubject, root: str | os.PathLike) -> dict[str,
     """Write one subject's image (int16), lesion mask and brain mask atomically; return their paths."""
     files = subject_files(root, subject.index, subject.contrast)
     pixels = np.clip(np.rint(subject.image), 0, np.iinfo(np.int16).max)
-    _save_atomic(_nifti(pixels, subject.affine, np.int16), files["image"])
-    _save_atomic(_nifti(subject.seg, subject.affine, np.uint8), files["seg"])
-    _save_atomic(_nifti(subject.brain_mask, subject.affine, np.uint8), files["brainmask"])
+    save_nifti_atomic(_nifti(pixels, subject.affine, np.int16), files["image"], overwrite=True)
+    save_nifti_atomic(_nifti(subject.seg, subject.affine, np.uint8), files["seg"], overwrite=True)
+    save_nifti_atomic(_nifti(subject.brain_mask, subject.affine, np.uint8), files["brainmask"], overwrite=True)
     return files
 
 
