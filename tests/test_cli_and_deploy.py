@@ -121,7 +121,7 @@ def test_predict_command_writes_maps_in_scan_space(cli_run: dict, phantom_root: 
         (scans / scan.name).symlink_to(scan)
     out = tmp_path / "out"
     args = [str(BIN / "simpleslicenet"), "predict", "--model", str(cli_run["xml"]), "--input", str(scans),
-            "--output", str(out), "--threshold", "0.5"]
+            "--output", str(out), "--threshold", "val"]
     _run(args, cwd=tmp_path)
     for scan in originals:
         stem = scan.name[: -len(".nii.gz")]
@@ -131,6 +131,11 @@ def test_predict_command_writes_maps_in_scan_space(cli_run: dict, phantom_root: 
         np.testing.assert_allclose(written.affine, source.affine, atol=1e-5)
         assert (out / f"{stem}_anomaly_mask.nii.gz").exists()
     scores = json.loads((out / "scores.json").read_text())
+    # The mask threshold is the one chosen on the validation split during training, kept in the export.
+    import openvino as ov
+
+    metadata = json.loads(ov.Core().read_model(cli_run["xml"]).get_rt_info(["simpleslicenet"]).astype(str))
+    assert scores["threshold"] == pytest.approx(metadata["dice_threshold"])
     assert len(scores["scans"]) == 2 and all(len(s["slice_scores"]) == 16 for s in scores["scans"])
 
     # Existing outputs are never overwritten unless asked, and are left untouched.

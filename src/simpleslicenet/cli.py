@@ -94,7 +94,11 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("--model", required=True, type=Path, help="OpenVINO .xml or Lightning .ckpt")
     pred.add_argument("--input", required=True, type=Path, help="a NIfTI scan or a folder of scans")
     pred.add_argument("--output", required=True, type=Path, help="output folder")
-    pred.add_argument("--threshold", type=float, default=None, help="also write a mask of voxels above this")
+    pred.add_argument(
+        "--threshold",
+        default=None,
+        help="also write a mask of voxels above this score; 'val': the Dice threshold chosen on validation",
+    )
     pred.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     pred.add_argument("--precision", choices=("f32", "bf16"), default="f32", help="OpenVINO inference precision")
     pred.add_argument("--device", default="CPU", help="OpenVINO device (or torch device for .ckpt)")

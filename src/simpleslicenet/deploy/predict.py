@@ -50,7 +50,7 @@ def predict_paths(
     model: str | os.PathLike,
     inputs: str | os.PathLike,
     output: str | os.PathLike,
-    threshold: float | None = None,
+    threshold: float | str | None = None,
     overwrite: bool = False,
     precision: str = "f32",
     device: str = "CPU",
@@ -58,14 +58,15 @@ def predict_paths(
 ) -> list[dict]:
     """Write an anomaly map (and optionally a mask) per scan, plus ``scores.json`` and ``scores.csv``.
 
-    Maps are in each scan's own grid and affine, so they overlay the scan in any viewer. Scores are the
-    model's normalised outputs (0.5 is the decision threshold learnt on the validation split).
+    Maps are in each scan's own grid and affine, so they overlay the scan in any viewer. Scores are in
+    the model's own units (higher is more anomalous).
 
     Args:
         model: Exported ``.xml`` or ``.ckpt``.
         inputs: A scan or a folder of scans.
         output: Output folder (created).
-        threshold: Also write ``<scan>_anomaly_mask.nii.gz`` of voxels whose score exceeds it.
+        threshold: Also write ``<scan>_anomaly_mask.nii.gz`` of voxels whose score exceeds it; ``"val"``
+            uses the threshold that maximised Dice on the validation split during training.
         overwrite: Replace existing outputs; otherwise refuse before writing anything.
         precision: OpenVINO precision, ``"f32"`` or ``"bf16"``.
         device: OpenVINO device or torch device.
@@ -84,6 +85,12 @@ def predict_paths(
             msg = f"{existing[0]}: already exists ({len(existing)} output files in all); pass --overwrite to replace them"
             raise FileExistsError(msg)
     inferencer = VolumeInferencer(model, device=device, precision=precision)
+    if threshold == "val":
+        threshold = inferencer.metadata.get("dice_threshold")
+        if threshold is None:
+            msg = f"{model}: holds no validation threshold (trained without a validation split); pass a number"
+            raise ValueError(msg)
+    threshold = None if threshold is None else float(threshold)
     output.mkdir(parents=True, exist_ok=True)
     records = []
     for scan, paths in tqdm(list(zip(scans, planned, strict=True)), desc="predict", unit="scan", disable=not progress):
@@ -100,7 +107,7 @@ def predict_paths(
                 **{f"{key}_path": str(path) for key, path in paths.items()},
             }
         )
-    _atomic_write(summaries[0], json.dumps({"model": str(model), "scans": records}, indent=2))
+    _atomic_write(summaries[0], json.dumps({"model": str(model), "threshold": threshold, "scans": records}, indent=2))
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["scan", "volume_score", "max_slice_score", "map_path"])

@@ -1,8 +1,12 @@
 """What every simpleslicenet model shares on top of :class:`~anomalib.models.components.AnomalibModule`.
 
 * It remembers how its training volumes were prepared (grid, intensity scaling, spacing, contrast)
-  and stores that in checkpoints and exported models, so inference on a new scan repeats exactly the
-  same preprocessing and a file that is not one of our models can be recognised and refused.
+  and the Dice threshold chosen on the validation split, and stores them in checkpoints and exported
+  models, so inference on a new scan repeats exactly the same preprocessing and a file that is not
+  one of our models can be recognised and refused.
+* Scores stay in the model's own units (no min-max normalisation, no anomalib thresholds): the
+  normalisation clamps to [0, 1], which turns the highest and lowest scores into ties that distort
+  AUROC/AUPRC, and a threshold learnt on validation maps would not apply to normalised test maps.
 * Its visualizer writes NIfTI anomaly maps in the scan's own space (:class:`VolumeMapWriter`).
 * OpenVINO export is atomic and tagged with that metadata.
 """
@@ -14,6 +18,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import torch
 
 __all__ = ["VolumeModelMixin", "METADATA_KEY", "read_checkpoint_metadata"]
 
@@ -32,6 +38,7 @@ class VolumeModelMixin:
     """Mix into an ``AnomalibModule`` subclass (before it in the bases)."""
 
     volume_preprocessing: dict[str, Any]
+    dice_threshold: float | None = None
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -46,11 +53,12 @@ class VolumeModelMixin:
         return self.volume_preprocessing
 
     def metadata(self) -> dict[str, Any]:
-        """Class path and preprocessing, as stored in checkpoints and exported models."""
+        """Class path, preprocessing and validation Dice threshold, as stored in checkpoints and exports."""
         cls = type(self)
         return {
             "class_path": f"{cls.__module__}.{cls.__qualname__}",
             "preprocessing": dict(self._ensure_metadata()),
+            "dice_threshold": self.dice_threshold,
         }
 
     def on_fit_start(self) -> None:
@@ -71,6 +79,20 @@ class VolumeModelMixin:
         super().on_load_checkpoint(checkpoint)
         block = read_checkpoint_metadata(checkpoint) or {}
         self.volume_preprocessing = dict(block.get("preprocessing", {}))
+        self.dice_threshold = block.get("dice_threshold")
+
+    def configure_post_processor(self):  # noqa: ANN201
+        """Raw scores out: neither normalisation nor anomalib's F1 thresholds (see the module docstring)."""
+        from anomalib.post_processing import PostProcessor
+
+        return PostProcessor(enable_normalization=False, enable_thresholding=False)
+
+    def on_validation_epoch_end(self) -> None:
+        """Keep the validation Dice threshold (logged by the evaluator just before) for deployment."""
+        super().on_validation_epoch_end()
+        threshold = self.trainer.callback_metrics.get("voxel_diceThreshold")
+        if threshold is not None and torch.isfinite(threshold):
+            self.dice_threshold = float(threshold)
 
     @staticmethod
     def configure_evaluator():  # noqa: ANN205

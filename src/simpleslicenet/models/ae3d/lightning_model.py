@@ -102,11 +102,6 @@ class AE3D(VolumeModelMixin, AnomalibModule):
             raise ValueError(msg)
         return PreProcessor(transform=None)
 
-    @staticmethod
-    def configure_post_processor() -> PostProcessor:
-        """One-class post-processor (thresholds and normalisation from the validation set)."""
-        return PostProcessor()
-
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam on all autoencoder weights."""
         return torch.optim.Adam(self.model.parameters(), lr=self.lr)

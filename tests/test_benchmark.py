@@ -1,0 +1,59 @@
+"""The benchmark sweep on a tiny grid: one command, a CSV, a table, plots, and resuming."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import PHANTOM_KWARGS, TINY_SIMPLESLICENET
+
+pytestmark = pytest.mark.slow
+
+
+def test_sweep_writes_report_and_resumes(phantom_root: Path, tmp_path: Path) -> None:
+    from simpleslicenet.benchmark import load_sweep, run_sweep
+
+    config = {
+        "name": "tiny",
+        "output": str(tmp_path / "out"),
+        "seeds": [0],
+        "trainer": {"accelerator": "cpu", "max_epochs": 1},
+        "datasets": {
+            "phantom": {
+                "class_path": "BrainPhantom",
+                "init_args": {"root": str(phantom_root), "target_shape": [32, 32, 16], "progress": False, **PHANTOM_KWARGS},
+            }
+        },
+        "models": {"SimpleSliceNet": {"init_args": TINY_SIMPLESLICENET}, "AE3D": {"init_args": {"sigma": 1.0}}},
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    assert [run.label for run in load_sweep(path).runs] == ["SimpleSliceNet", "AE3D"]
+
+    results = run_sweep(path)
+    assert len(results) == 2, sorted(p.name for p in (tmp_path / "out" / "runs").iterdir())
+    frame = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert list(frame["label"]) == ["SimpleSliceNet", "AE3D"]
+    for column in ("voxel_AUPRC", "voxel_valDice", "volume_AUROC", "inference_seconds_per_volume", "peak_ram_mb"):
+        assert frame[column].notna().all(), column
+    assert (frame["peak_ram_mb"] > 100).all() and (frame["parameters"] > 0).all()
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| phantom | SimpleSliceNet |" in table and "| phantom | AE3D |" in table
+    assert (tmp_path / "out" / "accuracy_vs_time.png").stat().st_size > 0
+
+    # A second call finds both results and redoes nothing.
+    logs = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").glob("*.log")}
+    again = run_sweep(path)
+    assert [r["run_id"] for r in again] == [r["run_id"] for r in results]
+    assert {p: p.stat().st_mtime_ns for p in logs} == logs
+
+
+def test_sweep_config_errors_name_the_file(tmp_path: Path) -> None:
+    from simpleslicenet.benchmark import load_sweep
+
+    path = tmp_path / "empty.yaml"
+    path.write_text("name: nothing\n")
+    with pytest.raises(ValueError, match="empty.yaml"):
+        load_sweep(path)
