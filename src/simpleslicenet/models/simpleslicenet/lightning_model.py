@@ -155,9 +155,11 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        if mode == "2d" and evaluator is True:
-            # Plain images carry no brain mask or volume index: anomalib's image/pixel metrics instead.
-            evaluator = AnomalibModule.configure_evaluator()
+        if mode == "2d":
+            # Plain images carry no brain mask or volume index: anomalib's own image/pixel metrics and
+            # its normalising, thresholding post-processor, as for any anomalib image model.
+            evaluator = AnomalibModule.configure_evaluator() if evaluator is True else evaluator
+            post_processor = PostProcessor() if post_processor is True else post_processor
         super().__init__(
             pre_processor=pre_processor,
             post_processor=post_processor,
