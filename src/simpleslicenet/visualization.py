@@ -42,8 +42,12 @@ def _preview(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, path:
         centre = int(area.argmax())
     else:
         centre = int(amap.reshape(depth, -1).max(1).argmax())
-    rows = np.clip(centre + np.linspace(-depth // 8, depth // 8, n_slices).round().astype(int), 0, depth - 1)
-    fig, axes = plt.subplots(2, n_slices, figsize=(2.2 * n_slices, 4.6))
+    # n_slices distinct slices around the centre, shifted inwards at the volume's ends.
+    n_slices = min(n_slices, depth)
+    step = max(1, depth // (4 * n_slices))
+    first = int(np.clip(centre - step * (n_slices // 2), 0, depth - 1 - step * (n_slices - 1)))
+    rows = [first + step * i for i in range(n_slices)]
+    fig, axes = plt.subplots(2, n_slices, figsize=(2.2 * n_slices, 4.6), squeeze=False)
     for col, z in enumerate(rows):
         for row in (0, 1):
             ax = axes[row, col]

@@ -118,7 +118,13 @@ def _examples_figure(frame: pd.DataFrame, runs_dir: Path, path: Path) -> bool:
     return True
 
 
-def write_report(results: list[dict], output: Path, title: str = "benchmark", failures: list[dict] | None = None) -> None:
+def write_report(
+    results: list[dict],
+    output: Path,
+    title: str = "benchmark",
+    failures: list[dict] | None = None,
+    command: str | None = None,
+) -> None:
     """Write ``results.csv``, ``results.md``, ``accuracy_vs_time.png`` and ``examples.png`` into ``output``."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -129,7 +135,7 @@ def write_report(results: list[dict], output: Path, title: str = "benchmark", fa
     tmp = output / ".results.csv.tmp"
     frame.to_csv(tmp, index=False)
     os.replace(tmp, output / "results.csv")
-    text = f"# {title}\n\n" + summary_table(frame)
+    text = f"# {title}\n\n" + (f"Produced by `{command}`.\n\n" if command else "") + summary_table(frame)
     text += (
         "\nVoxel metrics are pooled over all test volumes inside the brain mask. "
         "'Dice @ val thr.' uses the threshold that maximised Dice on the validation split (the honest figure); "

@@ -64,5 +64,5 @@ def run_sweep(config: str | Path, output: str | Path | None = None, resume: bool
             tqdm.write(f"run {spec.run_id} failed (exit {code}); see {log_path}")
             continue
         results.append(json.loads(result_path.read_text()))
-    write_report(results, sweep.output, title=sweep.name, failures=failures)
+    write_report(results, sweep.output, title=sweep.name, failures=failures, command=f"simpleslicenet benchmark {config}")
     return results
