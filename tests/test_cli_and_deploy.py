@@ -180,3 +180,16 @@ def test_failed_export_keeps_the_previous_model(cli_run: dict, tmp_path: Path) -
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["weights"]  # no staging folder left behind
     assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == ["openvino"]
+
+
+def test_predict_refuses_scans_that_would_share_an_output_name(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    from simpleslicenet.deploy import predict_paths
+
+    volume = nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4))
+    nib.save(volume, tmp_path / "scan.nii")
+    nib.save(volume, tmp_path / "scan.nii.gz")
+    with pytest.raises(ValueError, match="scan_anomaly_map.nii.gz"):
+        predict_paths(tmp_path / "model.xml", tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

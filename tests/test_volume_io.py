@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from simpleslicenet.data.volume import (
+    VolumeGeometry,
     crop_or_pad,
     crop_start_for,
     from_slices,
@@ -227,3 +228,13 @@ def test_preprocess_without_registration_reorients_and_resamples(scans: dict, tm
     np.testing.assert_allclose(
         centre(np.asarray(written.dataobj), written.affine), centre(original, geometry.canonical_affine), atol=2.0
     )
+
+
+def test_uncrop_refuses_an_array_off_the_model_grid() -> None:
+    geometry = VolumeGeometry(
+        original_shape=(20, 20, 10), affine=np.eye(4), canonical_affine=np.eye(4), crop_start=(2, 2, 1),
+        target_shape=(16, 16, 8), path="scan.nii.gz",
+    )
+    assert uncrop(np.ones((16, 16, 8), np.float32), geometry).shape == (20, 20, 10)
+    with pytest.raises(ValueError, match="scan.nii.gz.*not on the model grid"):
+        uncrop(np.ones((32, 32, 8), np.float32), geometry)

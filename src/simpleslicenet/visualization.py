@@ -77,6 +77,7 @@ class VolumeMapWriter(Visualizer):
         super().__init__()
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.previews = previews
+        self._sources: dict[str, str] = {}  # file stem -> scan it was written for
 
     def write(self, batch: Any) -> list[Path]:  # noqa: ANN401
         """Write the maps of every volume in a predicted :class:`VolumeBatch`; returns the NIfTI paths."""
@@ -88,8 +89,13 @@ class VolumeMapWriter(Visualizer):
             if geometry is None:
                 continue
             amap = batch.anomaly_map[rows].detach().float().cpu().numpy()
-            stem = scan_stem(geometry.path or batch.image_path[rows.start])
-            full = uncrop(from_slices(amap), geometry)
+            source = geometry.path or batch.image_path[rows.start]
+            stem = scan_stem(source)
+            if self._sources.setdefault(stem, source) != source:
+                # Two scans of one name (e.g. healthy/001 and lesion/001): keep both maps.
+                stem = f"{Path(source).parent.name}_{stem}"
+            # Outside the model's box the scan gets the volume's lowest score (scores can be negative).
+            full = uncrop(from_slices(amap), geometry, fill=float(amap.min()))
             path = write_nifti(full, geometry, self.output_dir / f"{stem}_anomaly_map.nii.gz", overwrite=True)
             written.append(path)
             if self.previews:

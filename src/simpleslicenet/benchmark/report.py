@@ -43,7 +43,8 @@ def summary_table(frame: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     groups = frame.groupby(["dataset", "label"], sort=False)
     best = {}
-    for key, _name, _digits in columns[:6]:  # accuracy columns: higher is better
+    accuracy = {key for key, _name, _digits in TABLE_COLUMNS[:6]}  # higher is better
+    for key, _name, _digits in (c for c in columns if c[0] in accuracy):
         means = groups[key].mean()
         best.update({(ds, key): means.xs(ds).max() for ds in means.index.get_level_values(0)})
     for (dataset, label), group in groups:

@@ -49,6 +49,7 @@ def run_sweep(config: str | Path, output: str | Path | None = None, resume: bool
         if resume and result_path.exists():
             results.append(json.loads(result_path.read_text()))
             continue
+        result_path.unlink(missing_ok=True)  # a failed rerun must not leave an old result to be resumed
         spec_path = runs_dir / f"{spec.run_id}.spec.json"
         spec_path.write_text(json.dumps(asdict(spec), indent=2))
         log_path = runs_dir / f"{spec.run_id}.log"

@@ -322,6 +322,9 @@ def crop_or_pad(array: np.ndarray, start: tuple[int, ...], target: tuple[int, ..
 def uncrop(array: np.ndarray, geometry: VolumeGeometry, fill: float = 0) -> np.ndarray:
     """Put a model-space array back into the scan's canonical grid (inverse of :func:`crop_or_pad`)."""
     original = geometry.original_shape
+    if geometry.target_shape is not None and tuple(array.shape) != tuple(geometry.target_shape):
+        msg = f"{geometry.path}: array of shape {tuple(array.shape)} is not on the model grid {tuple(geometry.target_shape)}"
+        raise ValueError(msg)
     neg_start = tuple(-s for s in geometry.crop_start)
     return crop_or_pad(array, neg_start, original, fill=fill)
 

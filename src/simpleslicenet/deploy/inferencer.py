@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn import functional as F  # noqa: N812
 
 from simpleslicenet.data.dataset import volume_to_batch
 from simpleslicenet.data.volume import VolumeGeometry, from_slices, load_volume, uncrop
@@ -38,9 +39,11 @@ class VolumePrediction:
         volume_score: Score of the whole volume.
         geometry: Where the model grid sits in the scan.
         brain_mask: Model-grid brain mask ``[D, H, W]``.
+        scan_brain_mask: Brain mask in the scan's canonical grid (``False`` outside the model's box).
     """
 
     anomaly_map: np.ndarray
+    scan_brain_mask: np.ndarray
     model_map: np.ndarray
     slice_scores: np.ndarray
     volume_score: float
@@ -139,13 +142,16 @@ class VolumeInferencer:
         if self.backend == "openvino":
             outputs = self._compiled(images)
             named = {name: outputs[i] for i, name in enumerate(self._output_names)}
-            return np.asarray(named["anomaly_map"]).reshape(images.shape[0], *images.shape[2:]), np.asarray(
-                named["pred_score"]
-            ).reshape(-1)
-        with torch.no_grad():
-            result = self._model(torch.from_numpy(images).to(self._device))
-        amap = result.anomaly_map.float().cpu().numpy().reshape(images.shape[0], *images.shape[2:])
-        return amap, result.pred_score.float().cpu().numpy().reshape(-1)
+            amap, scores = torch.from_numpy(np.asarray(named["anomaly_map"])), np.asarray(named["pred_score"])
+        else:
+            with torch.no_grad():
+                result = self._model(torch.from_numpy(images).to(self._device))
+            amap, scores = result.anomaly_map.float().cpu(), result.pred_score.float().cpu().numpy()
+        amap = amap.reshape(images.shape[0], *amap.shape[-2:])
+        if tuple(amap.shape[-2:]) != tuple(images.shape[2:]):
+            # Models that resize slices internally return maps at their own size: back to the slice grid.
+            amap = F.interpolate(amap[:, None], size=images.shape[2:], mode="bilinear", align_corners=False)[:, 0]
+        return amap.numpy(), scores.reshape(-1)
 
     def predict(self, scan_path: str | os.PathLike, brain_mask_path: str | os.PathLike | None = None) -> VolumePrediction:
         """Preprocess a scan exactly as in training, run the model, and map the result back to the scan."""
@@ -161,11 +167,22 @@ class VolumeInferencer:
         raw_map, _ = self.run_slices(batch.image.numpy())
         # As in training and testing: scores come from brain voxels only.
         restricted, slice_scores = restrict_to_brain(torch.from_numpy(raw_map), batch.brain_mask)
-        score = float(volume_score(restricted, batch.brain_mask))
+        scoring = self.metadata.get("scoring", {})
+        score = float(
+            volume_score(
+                restricted,
+                batch.brain_mask,
+                mode=scoring.get("volume_score_mode", "max"),
+                topk_fraction=scoring.get("topk_fraction", 0.001),
+            )
+        )
         amap, slice_scores, brain = restricted.numpy(), slice_scores.numpy(), batch.brain_mask.numpy()
-        full = uncrop(from_slices(amap), volume.geometry)
+        # Outside the model's box the scan gets the volume's lowest score, never a value that could
+        # exceed real scores (log-likelihood scores are negative).
+        full = uncrop(from_slices(amap), volume.geometry, fill=float(amap.min()))
         return VolumePrediction(
             anomaly_map=full,
+            scan_brain_mask=uncrop(from_slices(brain), volume.geometry, fill=False),
             model_map=amap,
             slice_scores=slice_scores,
             volume_score=score,

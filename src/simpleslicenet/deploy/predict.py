@@ -78,6 +78,11 @@ def predict_paths(
     scans = find_scans(inputs)
     output = Path(output)
     planned = [output_paths(scan, output, threshold) for scan in scans]
+    names = [paths["map"].name for paths in planned]
+    clashes = sorted({name for name in names if names.count(name) > 1})
+    if clashes:
+        msg = f"{inputs}: several scans would write {clashes[0]} (same name, e.g. .nii and .nii.gz); rename them"
+        raise ValueError(msg)
     summaries = [output / "scores.json", output / "scores.csv"]
     if not overwrite:
         existing = [p for paths in planned for p in paths.values() if p.exists()] + [p for p in summaries if p.exists()]
@@ -97,7 +102,7 @@ def predict_paths(
         prediction = inferencer.predict(scan)
         write_nifti(prediction.anomaly_map, prediction.geometry, paths["map"], overwrite=True)
         if threshold is not None:
-            mask = (prediction.anomaly_map > threshold).astype(np.uint8)
+            mask = ((prediction.anomaly_map > threshold) & prediction.scan_brain_mask).astype(np.uint8)
             write_nifti(mask, prediction.geometry, paths["mask"], dtype=np.uint8, overwrite=True)
         records.append(
             {

@@ -262,16 +262,17 @@ class SliceWiseMixin(VolumeModelMixin):
         if not isinstance(batch, VolumeBatch) or batch.anomaly_map is None:
             return batch
         maps = _as_slice_maps(batch.anomaly_map).clone()
+        if batch.brain_mask is not None and maps.shape[-2:] != batch.brain_mask.shape[-2:]:
+            # A resizing pre-processor gives maps at its own size: back to the volume's slice grid,
+            # so the map lines up with the scan's geometry.
+            maps = F.interpolate(maps[:, None], size=batch.brain_mask.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         slice_scores = torch.empty(batch.batch_size, dtype=maps.dtype, device=maps.device)
         scores = torch.empty(batch.batch_size, dtype=maps.dtype, device=maps.device)
         for _, rows in batch.volumes():
             brain = batch.brain_mask[rows] if batch.brain_mask is not None else None
-            if brain is not None and brain.shape[-2:] != maps.shape[-2:]:
-                # Maps of a resizing pre-processor are at its size; the mask follows them.
-                brain = F.interpolate(brain[:, None].float(), size=maps.shape[-2:], mode="nearest")[:, 0]
             maps[rows], slice_scores[rows] = restrict_to_brain(maps[rows], brain)
             scores[rows] = volume_score(maps[rows], brain, mode=self.volume_score_mode, topk_fraction=self.topk_fraction)
-        batch.anomaly_map = maps.reshape(batch.anomaly_map.shape)
+        batch.anomaly_map = maps
         batch.pred_score = slice_scores
         batch.volume_score = scores
         return batch

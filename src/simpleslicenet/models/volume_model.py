@@ -59,6 +59,10 @@ class VolumeModelMixin:
             "class_path": f"{cls.__module__}.{cls.__qualname__}",
             "preprocessing": dict(self._ensure_metadata()),
             "dice_threshold": self.dice_threshold,
+            "scoring": {
+                "volume_score_mode": getattr(self, "volume_score_mode", "max"),
+                "topk_fraction": getattr(self, "topk_fraction", 0.001),
+            },
         }
 
     def on_fit_start(self) -> None:
@@ -151,7 +155,12 @@ class VolumeModelMixin:
             shutil.rmtree(backup, ignore_errors=True)
             if final_dir.exists():
                 final_dir.rename(backup)
-            tagged.rename(final_dir)
+            try:
+                tagged.rename(final_dir)
+            except BaseException:
+                if backup.exists():
+                    backup.rename(final_dir)
+                raise
             shutil.rmtree(backup, ignore_errors=True)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
