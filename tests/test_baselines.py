@@ -26,9 +26,8 @@ from simpleslicenet.data.dataset import volume_to_batch
 from simpleslicenet.models import registry
 from simpleslicenet.models.ae3d import AE3D, AutoEncoder3dModel
 from simpleslicenet.models.ae3d.torch_model import masked_reconstruction_loss
+from simpleslicenet.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from simpleslicenet.models.slicewise import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     CflowSlices,
     FastflowSlices,
     PatchcoreSlices,

@@ -28,16 +28,37 @@ from torch import nn
 __all__ = [
     "DEFAULT_BACKBONE",
     "DEFAULT_LAYERS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "OFFLINE_IMAGENET_BACKBONES",
     "BackboneWeightsError",
     "apply_imagenet_weights",
     "create_feature_extractor",
+    "imagenet_pre_processor",
     "load_imagenet_state_dict",
     "load_weights_file",
     "resolve_out_indices",
 ]
 
 logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_pre_processor(image_size: Sequence[int] | None = None):  # noqa: ANN201
+    """anomalib pre-processor for ImageNet backbones: ``[0, 1]`` slices normalised with ImageNet statistics.
+
+    Args:
+        image_size: Resize to ``(H, W)`` first; ``None`` keeps the slice size, so maps stay on the grid.
+    """
+    from anomalib.pre_processing import PreProcessor
+    from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+    normalize = Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    if image_size is None:
+        return PreProcessor(transform=normalize)
+    return PreProcessor(transform=Compose([Resize(tuple(image_size), antialias=True), normalize]))
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 # Feature-info indices of the stride-8 and stride-16 stages (blocks.2 and blocks.4 of EfficientNet,

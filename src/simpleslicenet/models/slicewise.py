@@ -58,9 +58,9 @@ from anomalib.models.components.feature_extractors import TimmFeatureExtractor
 from anomalib.models.image.cflow.anomaly_map import AnomalyMapGenerator as CflowAnomalyMapGenerator
 from anomalib.pre_processing import PreProcessor
 from torch.nn import functional as F  # noqa: N812
-from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from simpleslicenet.data.batch import VolumeBatch
+from simpleslicenet.models.backbones import imagenet_pre_processor
 from simpleslicenet.models.volume_model import VolumeModelMixin
 from simpleslicenet.models.volume_ops import restrict_to_brain, volume_score
 
@@ -81,8 +81,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # EfficientNet-Lite0 has bundled ImageNet weights; blocks.2 is stride 8 (40 ch), blocks.4 stride 16 (112 ch),
 # the same strides as layer2/layer3 of the ResNets used in the papers.
@@ -236,10 +234,7 @@ class SliceWiseMixin(VolumeModelMixin):
         Args:
             image_size: Optional ``(H, W)`` to resize slices to before normalising.
         """
-        normalize = Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
-        if image_size is None:
-            return PreProcessor(transform=normalize)
-        return PreProcessor(transform=Compose([Resize(tuple(image_size), antialias=True), normalize]))
+        return imagenet_pre_processor(image_size)
 
     def training_slices(self, batch: Any) -> Any:  # noqa: ANN401
         """The rows of ``batch`` used for training: brain slices, every ``train_slice_stride``-th one."""

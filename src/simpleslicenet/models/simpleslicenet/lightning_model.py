@@ -34,9 +34,8 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn, optim
-from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-from simpleslicenet.models.backbones import DEFAULT_BACKBONE
+from simpleslicenet.models.backbones import DEFAULT_BACKBONE, imagenet_pre_processor
 from simpleslicenet.models.volume_model import VolumeModelMixin
 from simpleslicenet.models.volume_ops import restrict_to_brain, volume_score
 
@@ -47,8 +46,6 @@ __all__ = ["SimpleSliceNet", "fit_flow_on_features"]
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MODES = ("auto", "3d", "2d")
 
 
@@ -292,9 +289,7 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
         Args:
             image_size: Resize to this size first (for plain 2-D image datasets); ``None``: no resize.
         """
-        normalize = Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
-        transform = normalize if image_size is None else Compose([Resize(image_size, antialias=True), normalize])
-        return PreProcessor(transform=transform)
+        return imagenet_pre_processor(image_size)
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
