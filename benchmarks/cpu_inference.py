@@ -47,9 +47,11 @@ import openvino as ov
 import torch
 
 from simpleslicenet import __version__
+from simpleslicenet.atomic import atomic_write_text
 from simpleslicenet.data.dataset import volume_to_batch
+from simpleslicenet.data.geometry import crop_or_pad, crop_start_for
 from simpleslicenet.data.phantom import generate_subject
-from simpleslicenet.data.volume import crop_or_pad, crop_start_for, scale_intensity
+from simpleslicenet.data.volume import VolumePreprocessing, scale_intensity
 from simpleslicenet.deploy import VolumeInferencer
 from simpleslicenet.models.backbones import DEFAULT_BACKBONE
 from simpleslicenet.models.simpleslicenet import SimpleSliceNet
@@ -87,20 +89,6 @@ def parity(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
     return {"max_abs": max_abs, "max_rel": max_abs / scale if scale > 0 else float("nan")}
 
 
-def write_json_atomic(data: dict, path: Path) -> None:
-    """Write JSON to a temporary file beside ``path``, then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, nargs=3, default=[192, 192, 96], metavar=("X", "Y", "Z"))
@@ -114,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     stack = phantom_stack(size)
     model = SimpleSliceNet()
-    model.volume_preprocessing = {"target_shape": list(size), "intensity": "percentile"}
+    model.preprocessing = VolumePreprocessing(target_shape=size, spacing_mm=1.0)
     model.eval()
 
     with tempfile.TemporaryDirectory(prefix="cpu-inference-") as export_root:
@@ -134,8 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         backends = {
             "torch": run_torch,
-            "openvino_f32": lambda: inferencers["f32"].run_slices(stack)[0],
-            "openvino_bf16": lambda: inferencers["bf16"].run_slices(stack)[0],
+            "openvino_f32": lambda: inferencers["f32"].run_slices(stack).numpy(),
+            "openvino_bf16": lambda: inferencers["bf16"].run_slices(stack).numpy(),
         }
         maps = {name: run() for name, run in backends.items()}  # warm-up; its maps give the parity
         times: dict[str, list[float]] = {name: [] for name in backends}
@@ -170,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
         "versions": {"simpleslicenet": __version__, "torch": torch.__version__, "openvino": ov.__version__},
         "cpu": ov.Core().get_property("CPU", "FULL_DEVICE_NAME"),
     }
-    write_json_atomic(result, args.output)
+    atomic_write_text(args.output, json.dumps(result, indent=2) + "\n")
 
     print(f"SimpleSliceNet CPU inference, {size[0]}×{size[1]}×{size[2]} (x×y×z), median of {args.repeats}\n")
     print("| backend | median s/volume | min s/volume | speed-up vs torch | max abs diff | max rel diff |")

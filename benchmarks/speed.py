@@ -241,14 +241,6 @@ def _s(value: float | None) -> str:
     return "—" if value is None else f"{value:.4f}"
 
 
-def write_json_atomically(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        json.dump(payload, handle, indent=2)
-        temporary = handle.name
-    os.replace(temporary, path)
-
-
 def markdown(report: dict) -> str:
     """The results as a markdown table (one row per backbone) plus the slice-cost fit."""
     memory = "peak GPU memory (MB)" if report["device"].startswith("cuda") else "peak RSS growth (MB)"
@@ -347,7 +339,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     suffix = f"{args.device.replace(':', '')}{'_bf16' if args.bf16 else ''}{'_cl' if args.channels_last else ''}"
     output = args.output or RESULTS / f"speed_{suffix}_{height}x{width}x{depth}.json"
-    write_json_atomically(output, report)
+    from simpleslicenet.atomic import atomic_write_text
+
+    atomic_write_text(output, json.dumps(report, indent=2))
     print(markdown(report))
     print(f"\nwritten: {output}")
     return report

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-PHANTOM_KWARGS = {"n_healthy": 6, "n_lesion": 4, "contrast": "t2", "seed": 0, "spacing_mm": 4.0}
+# BrainPhantom's arguments; the generator calls the modality its contrast.
+PHANTOM_KWARGS = {"n_healthy": 6, "n_lesion": 4, "modality": "t2", "seed": 0, "spacing_mm": 4.0}
 
 
 @pytest.fixture(scope="session")
@@ -18,7 +19,8 @@ def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder of a tiny phantom (6 healthy + 4 lesion subjects, T2, 4 mm), generated once."""
     from simpleslicenet.data.phantom import generate_phantom_dataset
 
-    return generate_phantom_dataset(tmp_path_factory.mktemp("phantom"), progress=False, **PHANTOM_KWARGS)
+    arguments = {("contrast" if key == "modality" else key): value for key, value in PHANTOM_KWARGS.items()}
+    return generate_phantom_dataset(tmp_path_factory.mktemp("phantom"), progress=False, **arguments)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from simpleslicenet.data.datamodules import IXI, BraTS2021, IXIBraTS, NiftiFolder
-from simpleslicenet.data.volume import VolumeError, load_volume, read_mask, read_nifti, write_nifti
+from simpleslicenet.data.nifti import VolumeError, read_mask, read_nifti, write_nifti
+from simpleslicenet.data.volume import VolumePreprocessing, load_volume
 
 SHAPE = (24, 28, 16)
 
@@ -115,8 +116,8 @@ def test_singleton_4d_is_squeezed(bad: dict) -> None:
     assert image.shape == SHAPE
     reference, _ = read_nifti(bad["good"])
     np.testing.assert_array_equal(image, reference)
-    assert load_volume(bad["singleton_4d"], target_shape=(16, 16, 8)).image.shape == (16, 16, 8)
-    assert read_nifti(bad["singleton_4d"], resample_mm=2.0)[0].ndim == 3
+    assert load_volume(bad["singleton_4d"], VolumePreprocessing(target_shape=(16, 16, 8))).image.shape == (16, 16, 8)
+    assert read_nifti(bad["singleton_4d"], spacing_mm=2.0)[0].ndim == 3
 
 
 def test_real_4d_series_is_refused(bad: dict) -> None:
@@ -124,7 +125,7 @@ def test_real_4d_series_is_refused(bad: dict) -> None:
         read_nifti(bad["series_4d"])
     assert "series_4d.nii.gz" in str(info.value) and "4-D" in str(info.value)
     with pytest.raises(VolumeError, match="4-D"):
-        read_nifti(bad["series_4d"], resample_mm=2.0)
+        read_nifti(bad["series_4d"], spacing_mm=2.0)
 
 
 @pytest.mark.parametrize("key", ["nan", "inf"])
@@ -341,3 +342,209 @@ def test_failed_write_leaves_existing_file_and_no_temporary(
         write_nifti(image, geometry, target, overwrite=True)
     assert target.read_bytes() == b"previous result"
     assert os.listdir(tmp_path) == ["map.nii.gz"]
+
+
+# --- header checks before any voxel is read ---------------------------------------------------
+
+
+def _with_header(path: Path, data: np.ndarray, **fields: object) -> Path:
+    """A scan whose header fields are overwritten with ``fields`` after nibabel wrote a valid file."""
+    raw = bytearray(save(path.with_name("valid_" + path.name.replace(".gz", "")), data).read_bytes())
+    header = np.frombuffer(bytes(raw[:348]), dtype=nib.nifti1.header_dtype).copy()
+    for name, value in fields.items():
+        header[name] = value
+    raw[:348] = header.tobytes()
+    path.write_bytes(gzip.compress(bytes(raw)) if path.name.endswith(".gz") else bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "problem"),
+    [
+        ("nan_affine.nii.gz", lambda p: _with_header(p, brain(), srow_x=[np.nan, 0, 0, 0]), "affine holds NaN"),
+        ("inf_affine.nii", lambda p: _with_header(p, brain(), srow_y=[0, np.inf, 0, 0]), "NaN or infinite values"),
+        ("flat_affine.nii.gz", lambda p: _with_header(p, brain(), srow_z=[0, 0, 0, 5]), "affine is singular"),
+        ("complex.nii.gz", lambda p: save(p, brain().astype(np.complex64)), "not a real number type"),
+        ("rgb.nii.gz", lambda p: save(p, np.zeros(SHAPE, dtype=[(c, "u1") for c in "RGB"])), "not a real number type"),
+        ("five_d.nii.gz", lambda p: save(p, brain()[..., None, None].repeat(2, axis=4)), r"got shape .* \(5-D\)"),
+        ("flat.nii.gz", lambda p: save(p, brain()[:, :, 0]), r"\(2-D\)"),
+        ("nan_voxels.nii.gz", lambda p: _with_header(p, brain(), pixdim=[1, np.nan, 1, 1, 1, 1, 1, 1]), "voxel sizes"),
+        ("constant.nii.gz", lambda p: save(p, np.full(SHAPE, 40, dtype=np.int16)), "same value"),
+        ("offset_zero.nii", lambda p: _with_header(p, brain(), vox_offset=0), "offset 0 lies inside the header"),
+    ],
+)
+def test_refused_with_the_problem_named(tmp_path: Path, name: str, make, problem: str) -> None:  # noqa: ANN001
+    path = make(tmp_path / name)
+    with pytest.raises(VolumeError, match=problem) as info:
+        read_nifti(path)
+    assert info.value.path == path and name in str(info.value)
+
+
+def test_header_claiming_32_gib_is_refused_before_reading(tmp_path: Path) -> None:
+    import tracemalloc
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((2048, 2048, 2048))  # 8.6 G voxels of float32: 32 GiB
+    header.set_data_dtype(np.float32)
+    header.set_data_offset(352)
+    for suffix, opener in ((".nii", open), (".nii.gz", gzip.open)):
+        path = tmp_path / f"claims_32gib{suffix}"
+        with opener(path, "wb") as handle:
+            handle.write(header.binaryblock + b"\0" * 4 + bytes(64))
+        assert path.stat().st_size < 2048
+        tracemalloc.start()
+        try:
+            with pytest.raises(VolumeError, match="image of 8,589,934,592 voxels exceeds the limit of 134,217,728"):
+                read_nifti(path)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 5_000_000
+
+
+def test_compressed_file_under_the_limit_costs_only_what_it_holds(tmp_path: Path) -> None:
+    import tracemalloc
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((512, 512, 256))  # 64 M float64 voxels claimed: 512 MiB; the file holds 1 KiB
+    header.set_data_dtype(np.float64)
+    header.set_data_offset(352)
+    path = tmp_path / "claims_512mib.nii.gz"
+    with gzip.open(path, "wb") as handle:
+        handle.write(header.binaryblock + b"\0" * 4 + bytes(1024))
+    tracemalloc.start()
+    try:
+        with pytest.raises(VolumeError, match="truncated or corrupt data") as info:
+            read_nifti(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "the file holds 1,024" in str(info.value)
+    assert peak < 20_000_000
+
+
+def test_uncompressed_file_shorter_than_its_header_is_refused_before_reading(bad: dict) -> None:
+    with pytest.raises(VolumeError, match=r"truncated or corrupt data: the header needs [\d,]+ bytes, the file holds"):
+        read_nifti(bad["truncated_nii"])
+
+
+def test_corrupt_compressed_data_fails_the_checksum(tmp_path: Path, bad: dict) -> None:
+    damaged = bytearray(bad["good"].read_bytes())
+    damaged[-8] ^= 0xFF  # the gzip CRC of the data: the voxels themselves are intact
+    path = tmp_path / "bad_crc.nii.gz"
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(VolumeError, match=r"truncated or corrupt data \(BadGzipFile: CRC check failed"):
+        read_nifti(path)
+
+
+def test_voxel_limit_is_configurable(bad: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from simpleslicenet.data.nifti import MAX_VOXELS_ENV, voxel_limit
+
+    monkeypatch.setenv(MAX_VOXELS_ENV, "1000")
+    assert voxel_limit() == 1000
+    with pytest.raises(VolumeError, match="image of 10,752 voxels exceeds the limit of 1,000") as info:
+        read_nifti(bad["good"])
+    assert MAX_VOXELS_ENV in str(info.value)
+    assert read_nifti(bad["good"], max_voxels=20_000)[0].shape == SHAPE
+    monkeypatch.setenv(MAX_VOXELS_ENV, "lots")
+    with pytest.raises(ValueError, match="must be a positive whole number of voxels, got 'lots'"):
+        voxel_limit()
+
+
+def test_resampled_grid_is_held_to_the_limits(tmp_path: Path, bad: dict) -> None:
+    huge_voxels = save(tmp_path / "huge_voxels.nii.gz", brain(), np.diag([20.0, 20.0, 20.0, 1.0]))
+    with pytest.raises(VolumeError, match="resampling to 1 mm would make .* voxels of each voxel") as info:
+        read_nifti(huge_voxels, spacing_mm=1.0)
+    assert "20 × 20 × 20 mm" in str(info.value)
+    with pytest.raises(VolumeError, match="resampled grid at 0.5 mm would hold .* over the limit of 20,000"):
+        read_nifti(bad["good"], spacing_mm=0.5, max_voxels=20_000)
+
+
+@pytest.mark.parametrize("kind", ["symlink_loop", "broken_symlink", "fifo", "device"])
+def test_links_pipes_and_devices_are_refused_without_blocking(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / f"{kind}.nii"
+    if kind == "symlink_loop":
+        path.symlink_to(path.name)
+        problem = "symbolic link loop"
+    elif kind == "broken_symlink":
+        path.symlink_to(tmp_path / "gone.nii")
+        problem = "broken symbolic link"
+    elif kind == "fifo":
+        os.mkfifo(path)  # opening it for reading would block forever
+        problem = "not a regular file"
+    else:
+        path.symlink_to(os.devnull)
+        problem = "not a regular file"
+    with pytest.raises(VolumeError, match=problem) as info:
+        read_nifti(path)
+    assert info.value.path == path
+
+
+def test_mask_grid_is_checked_from_its_header_before_reading(bad: dict) -> None:
+    from simpleslicenet.data.nifti import read_header
+
+    reference = read_header(bad["good"]).geometry()
+    with pytest.raises(VolumeError, match="mask shape") as info:
+        read_mask(bad["mask_shape"], reference)
+    assert "short_mask.nii.gz" in str(info.value)
+
+
+# --- datamodule validation at setup -----------------------------------------------------------
+
+
+def test_setup_lists_every_bad_file_at_once(tmp_path: Path) -> None:
+    from simpleslicenet.data.datamodules.base import DatasetError
+
+    root = tmp_path / "many_problems"
+    lesion = np.zeros(SHAPE, dtype=np.uint8)
+    lesion[10:14, 12:16, 6:9] = 1
+    save(root / "train" / "good" / "h1.nii.gz", brain())
+    save(root / "train" / "good" / "h2.nii.gz", brain(seed=2))
+    save(root / "train" / "good" / "h2_brain.nii.gz", np.zeros(SHAPE, dtype=np.uint8))  # empty brain mask
+    (root / "train" / "good" / "h3.nii.gz").write_bytes(b"not a scan")
+    save(root / "test" / "lesion" / "t1.nii.gz", brain(seed=3))
+    save(root / "test" / "lesion" / "t1_mask.nii.gz", lesion[:, :, :-2])  # wrong shape
+    save(root / "test" / "lesion" / "t2.nii.gz", brain(seed=4))
+    shifted = np.eye(4)
+    shifted[1, 3] = 3.0
+    save(root / "test" / "lesion" / "t2_mask.nii.gz", lesion, shifted)  # other affine
+    save(root / "test" / "lesion" / "t3.nii.gz", brain(seed=5))
+    save(root / "test" / "lesion" / "t3_mask.nii.gz", np.zeros(SHAPE, dtype=np.uint8))  # empty lesion mask
+    save(root / "test" / "good" / "g1.nii.gz", brain(seed=6))
+    datamodule = NiftiFolder(root, target_shape=(16, 16, 8), val_fraction=0)
+    with pytest.raises(DatasetError, match="5 bad files in the dataset") as info:
+        datamodule.setup()
+    message = str(info.value)
+    for name, problem in [
+        ("h2_brain.nii.gz", "brain mask is empty"),
+        ("h3.nii.gz", "not a readable NIfTI file"),
+        ("t1_mask.nii.gz", "mask shape"),
+        ("t2_mask.nii.gz", "mask affine differs"),
+        ("t3_mask.nii.gz", "lesion mask is empty"),
+    ]:
+        assert any(name in line and problem in line for line in message.splitlines()), (name, message)
+    assert len(info.value.errors) == 5
+
+
+def test_check_samples_finds_duplicates_and_non_files(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from simpleslicenet.data.datamodules.base import check_samples
+
+    scan = save(tmp_path / "a.nii.gz", brain())
+    folder = tmp_path / "x.nii.gz"
+    folder.mkdir()
+    loop = tmp_path / "loop.nii.gz"
+    loop.symlink_to(loop.name)
+    rows = [
+        ("v1", scan, "train"), ("v1", tmp_path / "b.nii.gz", "test"), ("v2", scan, "test"),
+        ("v3", folder, "test"), ("v4", loop, "test"),
+    ]  # fmt: skip
+    empty = {"mask_path": None, "brain_mask_path": None, "label_index": 0}
+    samples = pd.DataFrame([{"volume_id": v, "image_path": str(p), **empty, "split": s} for v, p, s in rows])
+    problems = [str(problem) for problem in check_samples(samples, VolumePreprocessing())]
+    assert any("volume id 'v1' is used by 2 scans" in p for p in problems)
+    assert any("a.nii.gz: the same file is listed 2 times (v1, v2)" in p for p in problems)
+    assert any("b.nii.gz: file does not exist" in p for p in problems)
+    assert any("x.nii.gz: is a folder" in p for p in problems)
+    assert any("loop.nii.gz: symbolic link loop" in p for p in problems)

@@ -33,12 +33,17 @@ from simpleslicenet.models.slicewise import (
     PatchcoreSlices,
     SliceWiseMixin,
     slicewise,
-    volume_maps,
 )
-from simpleslicenet.models.volume_ops import volume_score
+from simpleslicenet.models.scoring import VolumeScoring, volume_score
 
 SHAPE = (32, 32, 16)  # (x, y, z): model batches are [16, 3, 32, 32]
 DEPTH, HEIGHT, WIDTH = SHAPE[2], SHAPE[1], SHAPE[0]
+
+
+def volume_maps(batch: VolumeBatch) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``(volume_index, anomaly_map [D, H, W], volume_score)`` of each volume of a predicted batch."""
+    maps = batch.anomaly_map[:, 0] if batch.anomaly_map.dim() == 4 else batch.anomaly_map
+    return [(index, maps[rows], batch.volume_score[rows.start]) for index, rows in batch.volumes()]
 
 
 def _phantom(rng: np.random.Generator, lesion: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -170,7 +175,7 @@ def test_slicewise_map_equals_plain_model_per_slice(fitted_patchcore: tuple, dat
         torch.testing.assert_close(batch.pred_score, expected.pred_score, rtol=1e-4, atol=1e-5)
         # The volume score stays in the model's raw units (normalisation clamps, which would create ties).
         torch.testing.assert_close(score, raw_map[brain].max(), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(score, volume_score(raw_map, brain), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(score, volume_score(raw_map[brain], VolumeScoring()), rtol=1e-4, atol=1e-5)
 
 
 def test_patchcore_slices_checkpoint_round_trip(fitted_patchcore: tuple) -> None:
@@ -245,13 +250,10 @@ def test_ae3d_pads_and_crops_any_grid() -> None:
     assert network.reconstruct(volume).shape == volume.shape
     network.eval()
     slices = torch.rand(13, 3, 30, 27)
-    brain = torch.zeros(13, 30, 27, dtype=torch.bool)
-    brain[3:10, 5:25, 5:20] = True
-    prediction = network(slices, brain)
+    prediction = network(slices)
     assert prediction.anomaly_map.shape == (13, 30, 27)
     assert prediction.pred_score.shape == (13,)
-    assert torch.all(prediction.anomaly_map[~brain] == 0)
-    assert prediction.anomaly_map[brain].min() > 0
+    assert prediction.anomaly_map.min() > 0  # a residual map: the shared scoring step restricts it to the brain
     torch.testing.assert_close(prediction.pred_score, prediction.anomaly_map.flatten(1).amax(1))
 
 
@@ -310,6 +312,9 @@ def test_registry_resolves_anomalib_names() -> None:
     assert registry.get_model_class("simpleslicenet.models.ae3d.AE3D") is AE3D
     with pytest.raises(registry.UnknownModelError, match="unknown model"):
         registry.get_model_class("NoSuchModel")
-    model = registry.create_model("ReverseDistillation", image_size=(64, 64))
-    assert type(model).__name__ == "ReverseDistillationSlices"
-    assert model.backbone_weights == "random"  # registry default: ResNets have no offline weights
+    model = registry.create_model("Fastflow", image_size=(64, 64))
+    assert type(model).__name__ == "FastflowSlices"
+    assert model.backbone_weights == "random"  # its packaged configuration's: ResNets have no offline weights
+    # Not in the table, still reachable by name: anomalib's image models come wrapped for volumes.
+    assert registry.get_spec("ReverseDistillation") is None
+    assert registry.get_model_class("ReverseDistillation").__name__ == "ReverseDistillationSlices"

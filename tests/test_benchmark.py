@@ -43,6 +43,23 @@ def test_sweep_writes_report_and_resumes(phantom_root: Path, tmp_path: Path) -> 
     assert "| phantom | SimpleSliceNet |" in table and "| phantom | AE3D |" in table
     assert (tmp_path / "out" / "accuracy_vs_time.png").stat().st_size > 0
 
+    # The sweep's numbers are anomalib's: testing the run's checkpoint with the Engine, as `anomalib test
+    # --ckpt_path` does, gives the same metrics (the validation threshold travels in the checkpoint).
+    from anomalib.engine import Engine
+
+    from simpleslicenet.benchmark.single_run import load_datamodule
+    from simpleslicenet.models.registry import create_model
+
+    ssn = results[0]
+    checkpoint = tmp_path / "out" / "runs" / ssn["run_id"] / ssn["checkpoint"]
+    datamodule = load_datamodule(ssn["dataset_class"], {**ssn["dataset_args"], "seed": ssn["seed"]})
+    engine = Engine(accelerator="cpu", default_root_dir=tmp_path / "retest", logger=False, enable_progress_bar=False)
+    model = create_model("SimpleSliceNet", visualizer=False, **ssn["model_args"])
+    [retested] = engine.test(model, datamodule=datamodule, ckpt_path=checkpoint)
+    assert set(retested) == set(ssn["metrics"])
+    for name, value in ssn["metrics"].items():
+        assert retested[name] == pytest.approx(value, abs=1e-9, nan_ok=True), name
+
     # A second call finds both results and redoes nothing.
     logs = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").glob("*.log")}
     again = run_sweep(path)

@@ -20,7 +20,6 @@ from simpleslicenet.metrics import (
     SliceAUROC,
     ValidationDiceThreshold,
     VolumeAUROC,
-    VolumeMetricAccumulator,
     VoxelAUPRC,
     VoxelAUROC,
     VoxelDiceAtThreshold,
@@ -204,14 +203,8 @@ def test_perfect_map_scores_one() -> None:
     assert run(VoxelAUROC(), batches) == pytest.approx(1.0)
     assert run(VoxelAUPRC(), batches) == pytest.approx(1.0)
     assert run(VoxelMaxDice(), batches) == pytest.approx(1.0)
-    results = VolumeMetricAccumulator()
-    for batch in batches:
-        results.update(batch)
-    values = results.compute()
-    assert values["voxel_AUROC"] == pytest.approx(1.0)
-    assert values["voxel_maxDice"] == pytest.approx(1.0)
-    assert values["volume_AUROC"] == pytest.approx(1.0)
-    assert values["slice_AUROC"] == pytest.approx(1.0)
+    assert run(VolumeAUROC(), batches) == pytest.approx(1.0)
+    assert run(SliceAUROC(), batches) == pytest.approx(1.0)
 
 
 def test_inverted_map_scores_zero_auroc() -> None:
@@ -286,8 +279,9 @@ def test_validation_threshold_flows_to_test_dice(structured_batches) -> None:
     evaluator = default_volume_evaluator(val_threshold=True)
     for i, batch in enumerate(val):
         evaluator.on_validation_batch_end(None, None, None, batch, i)
-    (choose,) = evaluator.val_metrics
-    assert choose.name == "voxel_diceThreshold"
+    names = [m.name for m in evaluator.val_metrics]
+    assert names == ["val_slice_AUROC", "voxel_diceThreshold"]  # the slice AUROC serves checkpoint selection
+    choose = evaluator.val_metrics[1]
     threshold = float(choose.compute())
     val_scores, val_labels = pooled_brain_voxels(val)
     assert dice_at_threshold(val_scores, val_labels, threshold) == pytest.approx(
@@ -344,13 +338,6 @@ def test_evaluator_drives_standard_metrics(structured_batches) -> None:
     for i, batch in enumerate(structured_batches):
         evaluator.on_test_batch_end(None, None, None, batch, i)
     results = {m.name: float(m.compute()) for m in evaluator.test_metrics}
-
-    reference = VolumeMetricAccumulator(val_threshold=0.5)
-    for batch in structured_batches:
-        reference.update(batch)
-    expected = reference.compute()
-    for name, value in results.items():
-        assert value == pytest.approx(expected[name], abs=1e-9), name
 
     scores, labels = pooled_brain_voxels(structured_batches)
     assert results["voxel_AUROC"] == pytest.approx(exact_auroc(scores, labels), abs=1e-3)
@@ -415,8 +402,9 @@ def test_bad_input_is_reported() -> None:
         VoxelAUROC(fields=["anomaly_map", "gt_mask"]).update(wrong_size)
     with pytest.raises(ValueError, match="needs a threshold"):
         VoxelPerVolumeMean("dice_at_threshold")
-    accumulator = VolumeMetricAccumulator()
-    accumulator.update(batch)
-    with pytest.raises(ValueError, match="arrived twice"):
-        accumulator.update(batch)
+    per_volume = VoxelPerVolumeMean("auroc")
+    per_volume.update(batch)
+    per_volume.update(batch)
+    with pytest.raises(ValueError, match="arrived split over several batches"):
+        per_volume.compute()
     assert ValidationDiceThreshold().threshold.value != ValidationDiceThreshold().threshold.value  # NaN until run

@@ -281,12 +281,12 @@ def test_datamodule_default_root_and_bad_arguments(monkeypatch: pytest.MonkeyPat
     from simpleslicenet.data.datamodules.phantom import BrainPhantom
 
     monkeypatch.setenv("SIMPLESLICENET_CACHE", str(tmp_path))
-    datamodule = BrainPhantom(contrast="FLAIR", n_healthy=12, n_lesion=8, seed=5)
+    datamodule = BrainPhantom(modality="FLAIR", n_healthy=12, n_lesion=8, seed=5)
     assert datamodule.root.parent == tmp_path / "phantom"
     assert datamodule.root.name == "flair_2mm_seed5_12h8l"
     assert not datamodule.root.exists(), "nothing is generated before prepare_data()"
     with pytest.raises(ValueError, match="allowed contrasts"):
-        BrainPhantom(contrast="swi")
+        BrainPhantom(modality="swi")
     with pytest.raises(ValueError, match="at least 2 healthy"):
         BrainPhantom(n_healthy=1)
 

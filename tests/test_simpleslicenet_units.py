@@ -26,7 +26,7 @@ from simpleslicenet.models.simpleslicenet.loss import (
     normal_boundary,
     normal_focal_weights,
 )
-from simpleslicenet.models.volume_ops import gaussian_blur_3d
+from simpleslicenet.models.smoothing import gaussian_blur_3d
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -311,7 +311,7 @@ def test_training_mode_exposes_features_and_conditions(volume) -> None:
 def volume_batch(volumes: list[torch.Tensor]):
     from simpleslicenet.data.batch import collate_volumes
     from simpleslicenet.data.dataset import volume_to_batch
-    from simpleslicenet.data.volume import from_slices
+    from simpleslicenet.data.geometry import from_slices
 
     batches = []
     for index, slices in enumerate(volumes):

@@ -1,4 +1,4 @@
-"""NIfTI volume layer: read → crop → uncrop → write round trips, orientation, resampling, scaling."""
+"""NIfTI volume layer: read → crop → back to the scan → write round trips, orientation, resampling, scaling."""
 
 from __future__ import annotations
 
@@ -6,18 +6,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from simpleslicenet.data.volume import (
-    VolumeGeometry,
-    crop_or_pad,
-    crop_start_for,
-    from_slices,
-    load_volume,
-    read_nifti,
-    scale_intensity,
-    to_slices,
-    uncrop,
-    write_nifti,
-)
+from simpleslicenet.data.geometry import VolumeGeometry, crop_or_pad, crop_start_for, from_slices, to_slices
+from simpleslicenet.data.nifti import read_nifti, write_nifti
+from simpleslicenet.data.volume import VolumePreprocessing, load_volume, scale_intensity
 
 SHAPE = (40, 48, 30)  # on-disk array shape (i, j, k)
 TARGET = (32, 56, 16)  # crops x and z, pads y: both directions of crop_or_pad are exercised
@@ -68,15 +59,15 @@ def test_read_is_canonical_ras(scans: dict, orientation: str) -> None:
 
 
 @pytest.mark.parametrize("orientation", list(AFFINES))
-def test_crop_uncrop_write_overlays_input(scans: dict, orientation: str, tmp_path) -> None:  # noqa: ANN001
+def test_crop_to_scan_write_overlays_input(scans: dict, orientation: str, tmp_path) -> None:  # noqa: ANN001
     path, data, affine = scans[orientation]
-    volume = load_volume(path, target_shape=TARGET, intensity="minmax")
+    volume = load_volume(path, VolumePreprocessing(target_shape=TARGET, intensity="minmax"))
     assert volume.image.shape == TARGET
     geometry = volume.geometry
     assert geometry.crop_start[1] < 0  # y was padded
 
-    back = uncrop(volume.image, geometry)
-    inside = uncrop(np.ones(TARGET, dtype=np.float32), geometry)
+    back = geometry.to_scan(to_slices(volume.image), fill=0)
+    inside = geometry.to_scan(np.ones(TARGET[::-1], dtype=np.float32), fill=0)
     out = write_nifti(back, geometry, tmp_path / "map.nii.gz")
     written_inside = write_nifti(inside, geometry, tmp_path / "inside.nii.gz", dtype=np.uint8)
 
@@ -92,7 +83,7 @@ def test_crop_uncrop_write_overlays_input(scans: dict, orientation: str, tmp_pat
     assert not values[~keep].any()
 
 
-def test_crop_or_pad_and_uncrop_are_inverse_inside_the_box() -> None:
+def test_crop_or_pad_keeps_the_box_and_pads() -> None:
     array = np.random.default_rng(1).random((20, 9, 14)).astype(np.float32)
     start = (3, -4, 5)
     box = crop_or_pad(array, start, (10, 16, 6))
@@ -108,7 +99,7 @@ def test_crop_start_centres_the_mask() -> None:
     assert start == (7, 12, 18)
 
 
-def test_resample_mm_round_trip(tmp_path) -> None:  # noqa: ANN001
+def test_spacing_round_trip(tmp_path) -> None:  # noqa: ANN001
     # A linear ramp survives linear resampling exactly away from the borders.
     affine = AFFINES["LPS"]
     i, j, k = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in SHAPE], indexing="ij")
@@ -116,7 +107,7 @@ def test_resample_mm_round_trip(tmp_path) -> None:  # noqa: ANN001
     path = tmp_path / "ramp.nii.gz"
     nib.save(nib.Nifti1Image(ramp, affine), path)
 
-    image, geometry = read_nifti(path, resample_mm=2.0)
+    image, geometry = read_nifti(path, spacing_mm=2.0)
     assert np.allclose(np.abs(np.diag(geometry.canonical_affine)[:3]), 2.0)
     assert nib.aff2axcodes(geometry.canonical_affine) == ("R", "A", "S")
     assert all(abs(a - b / 2) <= 1 for a, b in zip(image.shape, SHAPE, strict=True))
@@ -130,9 +121,9 @@ def test_resample_mm_round_trip(tmp_path) -> None:  # noqa: ANN001
     np.testing.assert_allclose(np.asarray(written.dataobj)[interior], ramp[interior], rtol=1e-4)
 
 
-def test_resample_mm_through_load_volume(scans: dict) -> None:
+def test_spacing_through_load_volume(scans: dict) -> None:
     path, _, _ = scans["RAS"]
-    volume = load_volume(path, target_shape=(16, 16, 8), resample_mm=2.0)
+    volume = load_volume(path, VolumePreprocessing(target_shape=(16, 16, 8), spacing_mm=2.0))
     assert volume.image.shape == (16, 16, 8)
     assert volume.brain_mask.any()
 
@@ -169,72 +160,23 @@ def test_to_slices_from_slices_inverse() -> None:
     assert from_slices(slices).flags["C_CONTIGUOUS"]
 
 
-# --- preprocessing ----------------------------------------------------------------------------
-
-
-def test_preprocess_aligns_a_moved_scaled_brain_to_mni(tmp_path) -> None:  # noqa: ANN001
-    from nilearn.datasets import load_mni152_brain_mask, load_mni152_template
-
-    from simpleslicenet.data.preprocess import preprocess_scan
-
-    template = np.asarray(load_mni152_template(resolution=1).dataobj, dtype=np.float32)
-    brain = np.asarray(load_mni152_brain_mask(resolution=1).dataobj) > 0
-    # The template brain at 2 mm, stored LPS, shifted and 10% larger in world space.
-    moved = (template * brain)[::-2, ::-2, ::2]
-    moved = (moved * 1000 / moved.max()).astype(np.int16)
-    affine = np.diag([-2.2, -2.2, 2.2, 1.0])
-    affine[:3, 3] = [110.0, 120.0, -60.0]
-    lesion = np.zeros(moved.shape, dtype=np.uint8)
-    lesion[45:55, 55:65, 45:50] = 1
-    nib.save(nib.Nifti1Image(moved, affine), tmp_path / "raw.nii.gz")
-    nib.save(nib.Nifti1Image(lesion, affine), tmp_path / "raw_mask.nii.gz")
-
-    out = tmp_path / "mni" / "case.nii.gz"
-    result = preprocess_scan(tmp_path / "raw.nii.gz", out, mask_path=tmp_path / "raw_mask.nii.gz")
-    written = nib.load(result.image_path)
-    assert written.shape == brain.shape and np.allclose(written.affine, load_mni152_template(resolution=1).affine)
-    aligned = np.asarray(written.dataobj) > 0
-    dice = 2 * (aligned & brain).sum() / (aligned.sum() + brain.sum())
-    assert dice > 0.95
-    assert result.brain_mask_path == tmp_path / "mni" / "case_brain.nii.gz" and result.brain_mask_path.exists()
-    # The lesion follows the scan: 10×10×5 voxels of 2.2 mm, shrunk back by 1.1 per axis, ≈ 4000 mm³.
-    carried = np.asarray(nib.load(result.mask_path).dataobj)
-    assert result.mask_path.name == "case_mask.nii.gz"
-    assert abs(int(carried.sum()) - 4000) < 0.15 * 4000
-    assert carried[aligned == 0].sum() == 0  # inside the brain
-
-    before = out.read_bytes()
-    with pytest.raises(FileExistsError, match="case.nii.gz"):
-        preprocess_scan(tmp_path / "raw.nii.gz", out)
-    assert out.read_bytes() == before
-
-
-def test_preprocess_without_registration_reorients_and_resamples(scans: dict, tmp_path) -> None:  # noqa: ANN001
-    from simpleslicenet.data.preprocess import preprocess_scan
-
-    path, _, _ = scans["LPS"]
-    result = preprocess_scan(path, tmp_path / "ras.nii.gz", register=False, resample_mm=2.0, write_brain_mask=False)
-    written = nib.load(result.image_path)
-    assert nib.aff2axcodes(written.affine) == ("R", "A", "S")
-    np.testing.assert_allclose(np.abs(np.diag(written.affine)[:3]), 2.0)
-    assert all(abs(a - b / 2) <= 1 for a, b in zip(written.shape, SHAPE, strict=True))
-    assert result.brain_mask_path is None
-    # Same world extent: the brain's centre of mass stays put (within a voxel).
-    original, geometry = read_nifti(path)
-
-    def centre(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
-        return affine[:3, :3] @ np.argwhere(data > 0).mean(0) + affine[:3, 3]
-
-    np.testing.assert_allclose(
-        centre(np.asarray(written.dataobj), written.affine), centre(original, geometry.canonical_affine), atol=2.0
-    )
-
-
-def test_uncrop_refuses_an_array_off_the_model_grid() -> None:
+def test_to_scan_refuses_an_array_off_the_model_grid() -> None:
     geometry = VolumeGeometry(
         original_shape=(20, 20, 10), affine=np.eye(4), canonical_affine=np.eye(4), crop_start=(2, 2, 1),
         target_shape=(16, 16, 8), path="scan.nii.gz",
     )
-    assert uncrop(np.ones((16, 16, 8), np.float32), geometry).shape == (20, 20, 10)
+    scan = geometry.to_scan(np.full((8, 16, 16), 3.0, np.float32), fill=-1.0)
+    assert scan.shape == (20, 20, 10)
+    assert scan[2:18, 2:18, 1:9].min() == 3.0 and scan[0, 0, 0] == -1.0
     with pytest.raises(ValueError, match="scan.nii.gz.*not on the model grid"):
-        uncrop(np.ones((32, 32, 8), np.float32), geometry)
+        geometry.to_scan(np.ones((8, 32, 32), np.float32))
+
+
+def test_to_scan_fills_outside_the_box_with_the_lowest_score() -> None:
+    geometry = VolumeGeometry(
+        original_shape=(6, 6, 4), affine=np.eye(4), canonical_affine=np.eye(4), crop_start=(1, 1, 1),
+        target_shape=(4, 4, 2), path="scan.nii.gz",
+    )
+    model_map = -np.arange(32, dtype=np.float32).reshape(2, 4, 4) - 1  # log-likelihood-like, all negative
+    scan = geometry.to_scan(model_map)
+    assert scan[0, 0, 0] == model_map.min()

@@ -15,8 +15,8 @@ Example:
     >>> engine.fit(model, datamodule=datamodule)  # doctest: +SKIP
     >>> engine.test(model, datamodule=datamodule)  # doctest: +SKIP
 
-Importing this package is cheap: classes load on first use, so the start-up hook that registers them
-with anomalib costs nothing in processes that never touch them.
+Importing this package is cheap: classes load on first use. Models come from the one model table
+(:mod:`simpleslicenet.models.registry`), datamodules from :mod:`simpleslicenet.data.datamodules`.
 """
 
 from __future__ import annotations
@@ -25,28 +25,31 @@ import importlib
 
 __version__ = "0.1.0"
 
-# Public name -> module that defines it (loaded on first attribute access).
+# Public names other than models and datamodules -> the module that defines them.
 _LAZY = {
-    "SimpleSliceNet": "simpleslicenet.models.simpleslicenet",
-    "AE3D": "simpleslicenet.models.ae3d",
-    "PatchcoreSlices": "simpleslicenet.models.slicewise",
-    "CflowSlices": "simpleslicenet.models.slicewise",
     "slicewise": "simpleslicenet.models.slicewise",
-    "BrainPhantom": "simpleslicenet.data.datamodules",
-    "NiftiFolder": "simpleslicenet.data.datamodules",
-    "BraTS2021": "simpleslicenet.data.datamodules",
-    "IXI": "simpleslicenet.data.datamodules",
-    "IXIBraTS": "simpleslicenet.data.datamodules",
     "VolumeBatch": "simpleslicenet.data.batch",
+    "VolumePreprocessing": "simpleslicenet.data.volume",
     "VolumeInferencer": "simpleslicenet.deploy",
     "register": "simpleslicenet.plugin",
 }
+_DATAMODULES = "simpleslicenet.data.datamodules"
 
-__all__ = [*_LAZY, "__version__"]
+# The package is imported at every interpreter start-up (the anomalib hook lives in it), so even the model
+# table is read only on first use; ``__all__`` comes from it too.
 
 
 def __getattr__(name: str):  # noqa: ANN202
+    from simpleslicenet.models.registry import MODELS
+
+    if name == "__all__":
+        return [*MODELS, *_LAZY, *importlib.import_module(_DATAMODULES).__all__, "__version__"]
+    if name in MODELS:
+        return getattr(importlib.import_module("simpleslicenet.models"), name)
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    datamodules = importlib.import_module(_DATAMODULES)
+    if name in datamodules.__all__:
+        return getattr(datamodules, name)
     msg = f"module 'simpleslicenet' has no attribute {name!r}"
     raise AttributeError(msg)

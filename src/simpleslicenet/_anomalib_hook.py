@@ -1,26 +1,25 @@
-"""Makes simpleslicenet's models and datamodules visible to anomalib by short name.
+"""Makes ``anomalib train --model SimpleSliceNet`` (and ``--data BrainPhantom``) work by short name.
 
 A one-line ``.pth`` file installed beside the package imports this module at interpreter start-up.
-It only installs an import hook (microseconds, imports nothing heavy): the moment ``anomalib.models``
-finishes loading in any process — ``anomalib train``, ``anomalib benchmark``, a notebook — the hook
-calls :func:`simpleslicenet.plugin.register`, which adds our classes to ``anomalib.models`` and
-``anomalib.data``. Processes that never import anomalib pay nothing. Set ``SIMPLESLICENET_NO_PLUGIN=1``
-to switch it off.
+It installs an import hook and nothing else (microseconds, no heavy import): only when
+``anomalib.cli.cli`` finishes loading — that is, in the ``anomalib`` command — does it call
+:func:`simpleslicenet.plugin.register`, before the command parses its arguments. A process that merely
+imports anomalib is left alone. Set ``SIMPLESLICENET_NO_PLUGIN=1`` to switch it off.
 """
 
 from __future__ import annotations
 
-import importlib.abc
 import os
 import sys
 
 __all__ = ["install"]
 
-_TRIGGER = "anomalib.models"
+_TRIGGER = "anomalib.cli.cli"
 
 
-class _RegisterAfterAnomalibModels(importlib.abc.MetaPathFinder):
-    """Finds ``anomalib.models`` with the normal finders and runs the registration after it executes."""
+class _RegisterAfterAnomalibCli:
+    """A meta-path finder: finds ``anomalib.cli.cli`` with the normal finders and registers our classes
+    after it executes (a plain class: importing ``importlib.abc`` would cost every process milliseconds)."""
 
     def find_spec(self, fullname, path, target=None):  # noqa: ANN001, ANN201
         if fullname != _TRIGGER:
@@ -45,7 +44,7 @@ class _RegisterAfterAnomalibModels(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Install the hook (idempotent); register at once if anomalib.models is already loaded."""
+    """Install the hook (idempotent); register at once if the anomalib CLI is already loaded."""
     if os.environ.get("SIMPLESLICENET_NO_PLUGIN"):
         return
     if _TRIGGER in sys.modules:
@@ -53,8 +52,8 @@ def install() -> None:
 
         register()
         return
-    if not any(isinstance(f, _RegisterAfterAnomalibModels) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterAfterAnomalibModels())
+    if not any(isinstance(f, _RegisterAfterAnomalibCli) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterAnomalibCli())
 
 
 install()

@@ -4,8 +4,9 @@
   datamodules registered (same arguments as ``anomalib <subcommand>``).
 * ``predict``: NIfTI scans in, NIfTI anomaly maps and scores out, from an exported model or a checkpoint.
 * ``phantom``: write the built-in brain phantom dataset.
-* ``preprocess``: reorient, resample and roughly align raw scans to MNI152.
+* ``preprocess``: raw NIfTI scans and DICOM series to skull-stripped scans registered to MNI152 at 1 mm.
 * ``benchmark``: run a sweep of models × datasets × seeds from a YAML grid.
+* ``edc``: fine-tune the slice encoder on normal slices (encoder–decoder contrast) for ``backbone_weights=``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _phantom(args: argparse.Namespace) -> None:
         args.out,
         n_healthy=args.healthy,
         n_lesion=args.lesion,
-        contrast=args.contrast,
+        contrast=args.modality,
         seed=args.seed,
         spacing_mm=args.spacing,
         progress=True,
@@ -35,12 +36,33 @@ def _phantom(args: argparse.Namespace) -> None:
 
 
 def _preprocess(args: argparse.Namespace) -> None:
-    from simpleslicenet.data.preprocess import preprocess_scan
+    from simpleslicenet.data.preprocess import PreprocessSettings, preprocess_inputs
 
-    for path in args.inputs:
-        out = Path(args.output) / Path(path).name
-        preprocess_scan(path, out, overwrite=args.overwrite)
-        print(out)
+    options = {
+        "skull_stripped": args.skull_stripped,
+        "dicom_only": args.dicom_only,
+        "bias_correction": not args.no_bias_correction,
+        "register": not args.no_registration,
+        "seed": args.seed,
+    }
+    try:
+        if args.quick:
+            settings = PreprocessSettings.quick(spacing_mm=3.0 if args.spacing is None else args.spacing, **options)
+        else:
+            settings = PreprocessSettings(spacing_mm=1.0 if args.spacing is None else args.spacing, **options)
+        report = preprocess_inputs(
+            args.inputs,
+            args.output,
+            settings=settings,
+            workers=args.workers,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            threads=args.threads,
+        )
+    except ValueError as error:  # bad options, or an unreadable manifest (VolumeError)
+        sys.exit(f"simpleslicenet preprocess: {error}")
+    if report.failed:
+        sys.exit(1)
 
 
 def _benchmark(args: argparse.Namespace) -> None:
@@ -50,17 +72,26 @@ def _benchmark(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from simpleslicenet.deploy import predict_paths
+    from simpleslicenet.data.nifti import VolumeError
+    from simpleslicenet.deploy import ModelFileError, predict_paths
 
-    predict_paths(
-        model=args.model,
-        inputs=args.input,
-        output=args.output,
-        threshold=args.threshold,
-        overwrite=args.overwrite,
-        precision=args.precision,
-        device=args.device,
-    )
+    try:
+        report = predict_paths(
+            model=args.model,
+            inputs=args.input,
+            output=args.output,
+            threshold=args.threshold,
+            overwrite=args.overwrite,
+            precision=args.precision,
+            device=args.device,
+            fail_fast=args.fail_fast,
+        )
+    except (VolumeError, ModelFileError, FileExistsError) as error:
+        sys.exit(f"simpleslicenet predict: {error}")
+    if not report.ok:
+        # The batch is written; the exit status tells scripts that some scans were skipped.
+        sys.exit(f"simpleslicenet predict: {len(report.failed)} of {len(report.failed) + len(report.scans)} scans "
+                 f"failed and were skipped (listed in {report.output / 'scores.json'})")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,15 +104,31 @@ def _parser() -> argparse.ArgumentParser:
     phantom.add_argument("--out", required=True, type=Path, help="output folder")
     phantom.add_argument("--healthy", type=int, default=24, help="number of healthy subjects")
     phantom.add_argument("--lesion", type=int, default=16, help="number of subjects with lesions")
-    phantom.add_argument("--contrast", default="t2", help="t1, t2 or flair")
+    phantom.add_argument("--modality", default="t2", help="contrast of the scans: t1, t1ce, t2 or flair")
     phantom.add_argument("--seed", type=int, default=0)
     phantom.add_argument("--spacing", type=float, default=1.0, help="voxel size in mm")
     phantom.set_defaults(func=_phantom)
 
-    prep = sub.add_parser("preprocess", help="reorient, resample to 1 mm and align scans to MNI152")
-    prep.add_argument("inputs", nargs="+", help="NIfTI scans")
-    prep.add_argument("--output", required=True, type=Path, help="output folder")
-    prep.add_argument("--overwrite", action="store_true")
+    prep = sub.add_parser(
+        "preprocess",
+        help="N4, register to MNI152 at 1 mm and skull-strip raw NIfTI scans and DICOM series",
+        description="Bias-correct (N4), register rigidly then affinely to MNI152 2009, resample to the "
+        "template's 1 mm grid and extract the brain; writes NAME.nii.gz, NAME_brain.nii.gz and NAME_mask.nii.gz "
+        "(lesion masks carried along). Finished scans are skipped on a rerun; failures are reported at the end.",
+    )
+    prep.add_argument("inputs", nargs="+", help="NIfTI scans, DICOM series folders, or folders holding either")
+    prep.add_argument("--output", required=True, type=Path, help="output folder (keeps the inputs' sub-folders)")
+    prep.add_argument("--skull-stripped", action="store_true", help="inputs hold only the brain: mask from intensities")
+    prep.add_argument("--dicom-only", action="store_true", help="only convert DICOM series to NIfTI (geometry kept)")
+    prep.add_argument("--workers", type=int, default=1, help="scans processed in parallel, one process each")
+    prep.add_argument("--threads", type=int, default=None, help="threads per scan (default: CPU count / workers)")
+    prep.add_argument("--spacing", type=float, default=None, help="output voxel size in mm (default 1; 3 with --quick)")
+    prep.add_argument("--quick", action="store_true", help="coarse and fast, for a trial run (not for training data)")
+    prep.add_argument("--no-bias-correction", action="store_true", help="skip N4")
+    prep.add_argument("--no-registration", action="store_true", help="only reorient to RAS and resample")
+    prep.add_argument("--seed", type=int, default=0, help="seed of the registration's random sampling")
+    prep.add_argument("--overwrite", action="store_true", help="replace existing files this batch did not write")
+    prep.add_argument("--no-progress", action="store_true", help="no progress bar")
     prep.set_defaults(func=_preprocess)
 
     bench = sub.add_parser("benchmark", help="run a benchmark sweep from a YAML grid")
@@ -100,9 +147,20 @@ def _parser() -> argparse.ArgumentParser:
         help="also write a mask of voxels above this score; 'val': the Dice threshold chosen on validation",
     )
     pred.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    pred.add_argument(
+        "--fail-fast",
+        action="store_true",
+        help="stop at the first bad scan and write nothing (default: skip it, list it in scores.json, exit 1)",
+    )
     pred.add_argument("--precision", choices=("f32", "bf16"), default="f32", help="OpenVINO inference precision")
     pred.add_argument("--device", default="CPU", help="OpenVINO device (or torch device for .ckpt)")
     pred.set_defaults(func=_predict)
+
+    from simpleslicenet.training.command import add_edc_arguments, run_edc_command  # light: no torch
+
+    edc = sub.add_parser("edc", help="fine-tune the slice encoder on normal slices with encoder-decoder contrast")
+    add_edc_arguments(edc)
+    edc.set_defaults(func=run_edc_command)
     return parser
 
 

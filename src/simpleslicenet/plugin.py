@@ -1,78 +1,70 @@
-"""Registration of simpleslicenet's classes in anomalib's namespaces.
+"""Registration of simpleslicenet's classes with anomalib, so that short names work everywhere.
 
-anomalib resolves ``--model NAME`` / ``--data NAME`` (and ``get_model``, ``get_datamodule``,
-``anomalib benchmark``) by looking at the attributes of ``anomalib.models`` and ``anomalib.data`` and at
-already-imported subclasses. Two pieces make our classes visible there:
+anomalib's command line resolves ``--model NAME`` / ``--data NAME`` among classes that are already
+imported, and ``get_model``, ``get_datamodule`` and ``anomalib benchmark`` look at the attributes of
+``anomalib.models`` and ``anomalib.data``. :func:`register` imports every class of the model table
+(:data:`simpleslicenet.models.registry.MODELS`) and every datamodule, and sets them there. It runs by
+itself only in the ``anomalib`` and ``simpleslicenet`` commands (see :mod:`simpleslicenet._anomalib_hook`);
+in Python, call it before using anomalib's by-name lookups.
 
-* :func:`expose` — every simpleslicenet model and datamodule class calls it when it is defined
-  (``__init_subclass__`` of their shared bases), so a class is visible as soon as it exists;
-* :func:`register` — imports all of them; it runs automatically when anomalib is imported (see
-  ``simpleslicenet._anomalib_hook``) and is idempotent.
+It also makes ``--seed_everything`` work: anomalib 2.7's command line accepts the option but never seeds,
+so two runs with the same seed trained different models. :func:`register` seeds before the classes are
+instantiated, as Lightning's own CLI does (a random seed, logged, when none is given).
+
+Example:
+    >>> import simpleslicenet
+    >>> simpleslicenet.register()  # doctest: +SKIP
+    >>> from anomalib.models import get_model
+    >>> get_model("SimpleSliceNet")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import warnings
 
-__all__ = ["register", "expose", "MODEL_CLASSES", "DATAMODULE_CLASSES"]
-
-# Short name -> module, for every class anomalib should find by name.
-MODEL_CLASSES = {
-    "SimpleSliceNet": "simpleslicenet.models.simpleslicenet",
-    "AE3D": "simpleslicenet.models.ae3d",
-    "PatchcoreSlices": "simpleslicenet.models.slicewise",
-    "CflowSlices": "simpleslicenet.models.slicewise",
-    "PadimSlices": "simpleslicenet.models.slicewise",
-    "FastflowSlices": "simpleslicenet.models.slicewise",
-    "ReverseDistillationSlices": "simpleslicenet.models.slicewise",
-}
-DATAMODULE_CLASSES = {
-    "BrainPhantom": "simpleslicenet.data.datamodules",
-    "NiftiFolder": "simpleslicenet.data.datamodules",
-    "BraTS2021": "simpleslicenet.data.datamodules",
-    "IXI": "simpleslicenet.data.datamodules",
-    "IXIBraTS": "simpleslicenet.data.datamodules",
-    "Br35H": "simpleslicenet.data.datamodules",
-}
+__all__ = ["register"]
 
 _registered = False
 
 
-def expose(cls: type, namespace: str) -> None:
-    """Make ``cls`` an attribute of ``namespace`` (``"anomalib.models"`` or ``"anomalib.data"``) if loaded.
-
-    A namespace that is not imported yet gets the class later from :func:`register`.
-    """
-    module = sys.modules.get(namespace)
-    if module is None:
-        return
-    setattr(module, cls.__name__, cls)
-    if namespace == "anomalib.models" and hasattr(module, "ALLOWED_MODULES"):
-        # get_model() imports dotted class paths only from an allow-list: the defining module and
-        # its package (``simpleslicenet.models.simpleslicenet.SimpleSliceNet``).
-        module.ALLOWED_MODULES.update({cls.__module__, cls.__module__.rsplit(".", 1)[0]})
-
-
 def register() -> None:
-    """Import simpleslicenet's models and datamodules and add them to ``anomalib.models`` / ``anomalib.data``."""
+    """Add simpleslicenet's models and datamodules to ``anomalib.models`` / ``anomalib.data`` (idempotent)."""
     global _registered  # noqa: PLW0603
     if _registered:
         return
+    anomalib_models = importlib.import_module("anomalib.models")
+    anomalib_data = importlib.import_module("anomalib.data")
+    from simpleslicenet.data import datamodules
+    from simpleslicenet.models.registry import MODELS, get_model_class
+
+    for name in MODELS:
+        cls = get_model_class(name)
+        setattr(anomalib_models, name, cls)
+        # get_model() imports dotted class paths only from an allow-list: the defining module and its package.
+        anomalib_models.ALLOWED_MODULES.update({cls.__module__, cls.__module__.rsplit(".", 1)[0]})
+    for name in datamodules.__all__:
+        cls = getattr(datamodules, name)
+        if isinstance(cls, type) and issubclass(cls, anomalib_data.AnomalibDataModule):
+            setattr(anomalib_data, name, cls)
+    _seed_before_instantiation(importlib.import_module("anomalib.cli.cli").AnomalibCLI)
     _registered = True
-    # import_module returns the module even while the hook runs, before `anomalib.models`
-    # is bound as an attribute of the `anomalib` package.
-    importlib.import_module("anomalib.models")
-    importlib.import_module("anomalib.data")
-    for namespace, classes in (("anomalib.models", MODEL_CLASSES), ("anomalib.data", DATAMODULE_CLASSES)):
-        for name, module_name in classes.items():
-            try:
-                expose(getattr(importlib.import_module(module_name), name), namespace)
-            except (ImportError, AttributeError) as error:
-                if module_name in sys.modules:
-                    # The module is being imported right now (it imported anomalib, which ran this):
-                    # its classes expose themselves when they are defined.
-                    continue
-                # A broken plugin must not take anomalib down with it: say what failed and go on.
-                warnings.warn(f"simpleslicenet: could not register {name} ({error})", stacklevel=2)
+
+
+def _seed_before_instantiation(cli_class: type) -> None:
+    """Make ``cli_class`` honour ``--seed_everything`` (an int, or ``true`` for a random, logged seed)."""
+    original = cli_class.before_instantiate_classes
+    if getattr(original, "seeds", False):
+        return
+
+    def before_instantiate_classes(self) -> None:  # noqa: ANN001
+        from lightning.pytorch import seed_everything
+
+        config = self.config.get(str(self.config.get("subcommand")), self.config)
+        seed = config.get("seed_everything", True) if hasattr(config, "get") else True
+        if seed is not False:
+            # Models draw random weights at construction, so the seed must come before it.
+            config["seed_everything"] = seed_everything(None if seed is True else int(seed), workers=True)
+        original(self)
+
+    before_instantiate_classes.seeds = True
+    cli_class.before_instantiate_classes = before_instantiate_classes

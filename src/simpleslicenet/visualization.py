@@ -8,7 +8,6 @@ few slices with the map and the true lesion outline to ``<scan name>.png``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +15,11 @@ import numpy as np
 import torch
 from anomalib.visualization import Visualizer
 
-from simpleslicenet.data.volume import from_slices, uncrop, write_nifti
+from simpleslicenet.atomic import atomic_path
+from simpleslicenet.data.nifti import write_nifti
+from simpleslicenet.data.scans import nifti_stem
 
-__all__ = ["VolumeMapWriter", "scan_stem"]
-
-
-def scan_stem(path: str | os.PathLike) -> str:
-    """File name without ``.nii``/``.nii.gz``."""
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
+__all__ = ["VolumeMapWriter"]
 
 
 def _preview(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, path: Path, n_slices: int = 4) -> None:
@@ -59,10 +51,11 @@ def _preview(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, path:
             ax.set_title(f"slice {z}", fontsize=7)
             ax.axis("off")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=90)
+    finally:
+        plt.close(fig)
 
 
 class VolumeMapWriter(Visualizer):
@@ -90,13 +83,11 @@ class VolumeMapWriter(Visualizer):
                 continue
             amap = batch.anomaly_map[rows].detach().float().cpu().numpy()
             source = geometry.path or batch.image_path[rows.start]
-            stem = scan_stem(source)
+            stem = nifti_stem(source) or Path(source).stem
             if self._sources.setdefault(stem, source) != source:
                 # Two scans of one name (e.g. healthy/001 and lesion/001): keep both maps.
                 stem = f"{Path(source).parent.name}_{stem}"
-            # Outside the model's box the scan gets the volume's lowest score (scores can be negative).
-            full = uncrop(from_slices(amap), geometry, fill=float(amap.min()))
-            path = write_nifti(full, geometry, self.output_dir / f"{stem}_anomaly_map.nii.gz", overwrite=True)
+            path = write_nifti(geometry.to_scan(amap), geometry, self.output_dir / f"{stem}_anomaly_map.nii.gz", overwrite=True)
             written.append(path)
             if self.previews:
                 image = batch.image[rows, 0].detach().float().cpu().numpy()

@@ -18,9 +18,16 @@ Example (``configs/benchmark/phantom_quick.yaml``)::
       SimpleSliceNet-k1:                 # a second entry of one model: `name` is the registry name
         name: SimpleSliceNet
         init_args: {depth_stride: 1}
+      SimpleSliceNet-phantom:
+        name: SimpleSliceNet
+        config: simpleslicenet_phantom.yaml  # init_args of a packaged model config (init_args override)
+        select_checkpoint: {every_n_epochs: 2}  # the authors' protocol: test the checkpoint with the
+                                                # best validation slice AUROC (optimistic, labelled so)
 
 Model names are the registry's (``simpleslicenet.models.registry``); dataset class paths are the
-datamodule names anomalib knows after registration, or full dotted paths.
+datamodule names of :mod:`simpleslicenet.data.datamodules`, anomalib's, or full dotted paths.
+An optional ``executor`` section runs the runs as Ray tasks instead of one after another here
+(:class:`~simpleslicenet.benchmark.executors.ExecutorSettings`); it is not part of any run's id.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
+
+from simpleslicenet.benchmark.executors import ExecutorSettings
 
 __all__ = ["RunSpec", "SweepConfig", "load_sweep"]
 
@@ -53,6 +62,7 @@ class RunSpec:
     seed: int
     trainer: dict
     export: bool = False
+    select_checkpoint: dict | None = None
     run_id: str = ""
 
     def __post_init__(self) -> None:
@@ -73,12 +83,29 @@ class SweepConfig:
     name: str
     output: Path
     runs: list[RunSpec] = field(default_factory=list)
+    executor: ExecutorSettings = field(default_factory=ExecutorSettings)
 
 
 def _merge(base: dict, override: dict | None) -> dict:
     merged = copy.deepcopy(base)
     merged.update(override or {})
     return merged
+
+
+def _model_args(entry: dict, sweep_path: Path) -> dict:
+    """An entry's ``init_args`` over those of its ``config`` (a packaged model configuration), if any."""
+    if not entry.get("config"):
+        return dict(entry.get("init_args", {}))
+    from simpleslicenet.models.registry import config_init_args, packaged_config
+
+    try:
+        base = config_init_args(packaged_config(entry["config"]))
+    except FileNotFoundError as error:
+        msg = f"{sweep_path}: {error}"
+        raise ValueError(msg) from error
+    # Plain lists, as YAML gives them, so the run id does not depend on where an argument came from.
+    base = {key: list(value) if isinstance(value, tuple) else value for key, value in base.items()}
+    return {**base, **entry.get("init_args", {})}
 
 
 def load_sweep(path: str | Path, output: str | Path | None = None) -> SweepConfig:
@@ -105,20 +132,23 @@ def load_sweep(path: str | Path, output: str | Path | None = None) -> SweepConfi
             raise ValueError(msg)
         for model_name, model in config["models"].items():
             model = model or {}
+            model_args = _model_args(model, path)
             for seed in seeds:
                 runs.append(
                     RunSpec(
                         label=model_name,
                         model=model.get("name", model_name),
-                        model_args=model.get("init_args", {}),
+                        model_args=model_args,
                         dataset=dataset_name,
                         dataset_class=dataset["class_path"],
                         dataset_args=_merge(dataset.get("init_args", {}), model.get("data_args")),
                         seed=int(seed),
                         trainer=_merge(trainer, model.get("trainer")),
                         export=bool(model.get("export", config.get("export", False))),
+                        select_checkpoint=model.get("select_checkpoint"),
                     ),
                 )
     name = config.get("name", path.stem)
     out = Path(output or config.get("output") or Path("results") / "benchmark" / name)
-    return SweepConfig(name=name, output=out, runs=runs)
+    executor = ExecutorSettings.parse(config.get("executor"), path)
+    return SweepConfig(name=name, output=out, runs=runs, executor=executor)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from simpleslicenet.atomic import atomic_path, atomic_write_text
+from simpleslicenet.training.selection import PROTOCOL_LABEL
 
 __all__ = ["TABLE_COLUMNS", "results_frame", "summary_table", "write_report"]
 
@@ -32,6 +34,9 @@ def results_frame(results: list[dict]) -> pd.DataFrame:
         row = {k: v for k, v in result.items() if not isinstance(v, dict | list)}
         row.update(result.get("metrics", {}))
         row["parameters_m"] = result.get("parameters", 0) / 1e6
+        if result.get("select_checkpoint"):
+            # Results of a checkpoint chosen on labelled validation volumes are named as such everywhere.
+            row["label"] = f"{row['label']} [{PROTOCOL_LABEL}]"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -63,10 +68,14 @@ def summary_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _save_figure(fig, path: Path, dpi: int) -> None:  # noqa: ANN001
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
 
 
 def _plot_accuracy_vs_time(frame: pd.DataFrame, path: Path) -> None:
@@ -86,10 +95,7 @@ def _plot_accuracy_vs_time(frame: pd.DataFrame, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save_figure(fig, path, dpi=120)
 
 
 def _examples_figure(frame: pd.DataFrame, runs_dir: Path, path: Path) -> bool:
@@ -112,10 +118,7 @@ def _examples_figure(frame: pd.DataFrame, runs_dir: Path, path: Path) -> bool:
         ax.imshow(image)
         ax.axis("off")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save_figure(fig, path, dpi=110)
     return True
 
 
@@ -130,12 +133,10 @@ def write_report(
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     if not results:
-        _atomic_write_text(output / "results.md", f"# {title}\n\nNo finished runs.\n")
+        atomic_write_text(output / "results.md", f"# {title}\n\nNo finished runs.\n")
         return
     frame = results_frame(results)
-    tmp = output / ".results.csv.tmp"
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, output / "results.csv")
+    atomic_write_text(output / "results.csv", frame.to_csv(index=False))
     text = f"# {title}\n\n" + (f"Produced by `{command}`.\n\n" if command else "") + summary_table(frame)
     text += (
         "\nVoxel metrics are pooled over all test volumes inside the brain mask. "
@@ -146,7 +147,7 @@ def write_report(
         text += "\nFailed runs (retried on the next call):\n" + "".join(
             f"- {f['dataset']} / {f['label']} / seed {f['seed']}: {f['error']} (log: {f['log']})\n" for f in failures
         )
-    _atomic_write_text(output / "results.md", text)
+    atomic_write_text(output / "results.md", text)
     if "voxel_AUPRC" in frame.columns:
         _plot_accuracy_vs_time(frame, output / "accuracy_vs_time.png")
     _examples_figure(frame, output / "runs", output / "examples.png")

@@ -1,110 +1,39 @@
-"""One benchmark run in its own process: fit, evaluate, time, measure memory, write one JSON.
+"""One benchmark run in its own process: fit, validate, test through anomalib's Engine, write one JSON.
 
-Run as ``python -m simpleslicenet.benchmark.single_run SPEC.json RESULT.json``. A process per run
-keeps runs independent (no allocator or cache carried over) and makes the process's peak resident
-memory the run's peak RAM.
+Run as ``python -m simpleslicenet.benchmark.single_run SPEC.json RESULT.json``. The metrics are the
+model's own Evaluator's, exactly as ``anomalib test`` reports them (validation picks the Dice threshold,
+test applies it). A process per run keeps runs independent (no allocator or cache carried over) and
+makes the process's peak resident memory the run's peak RAM.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time
 from pathlib import Path
 
-__all__ = ["run_single", "evaluate_model", "load_datamodule"]
+from simpleslicenet.atomic import atomic_write_text
+
+__all__ = ["run_single", "load_datamodule"]
 
 
 def load_datamodule(class_path: str, init_args: dict):  # noqa: ANN201
-    """A datamodule from a short registered name (e.g. ``BrainPhantom``) or a dotted path."""
+    """A datamodule from a simpleslicenet name (e.g. ``BrainPhantom``), an anomalib name or a dotted path."""
     import importlib
 
-    from simpleslicenet.plugin import DATAMODULE_CLASSES
+    from simpleslicenet.data import datamodules
 
     if "." in class_path:
         module_name, name = class_path.rsplit(".", 1)
-    elif class_path in DATAMODULE_CLASSES:
-        module_name, name = DATAMODULE_CLASSES[class_path], class_path
+        cls = getattr(importlib.import_module(module_name), name)
+    elif class_path in datamodules.__all__:
+        cls = getattr(datamodules, class_path)
     else:
-        module_name, name = "anomalib.data", class_path
-    cls = getattr(importlib.import_module(module_name), name)
+        cls = getattr(importlib.import_module("anomalib.data"), class_path)
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in init_args.items()}
     return cls(**args)
-
-
-def _pre_process(model, batch):  # noqa: ANN001, ANN202
-    """Apply the model's pre-processing the way anomalib's callback does during testing."""
-    if model.pre_processor is not None and getattr(model.pre_processor, "transform", None) is not None:
-        batch.image, batch.gt_mask = model.pre_processor.transform(batch.image, batch.gt_mask)
-    return batch
-
-
-def evaluate_model(  # noqa: ANN201
-    model,  # noqa: ANN001
-    dataloader,  # noqa: ANN001
-    device: str = "cpu",
-    on_batch=None,  # noqa: ANN001
-    val_threshold: float | None = None,
-):
-    """Raw (un-normalised) predictions of ``model`` on every volume, with per-volume wall times.
-
-    Returns the metric accumulator filled with every volume and the list of seconds per volume.
-    ``on_batch(batch)`` is called with each predicted batch (e.g. to draw an example);
-    ``val_threshold`` (chosen on the validation split) makes the test Dice exact.
-    """
-    import torch
-
-    from simpleslicenet.metrics import VolumeMetricAccumulator
-
-    accumulator = VolumeMetricAccumulator(val_threshold=val_threshold)
-    seconds = []
-    model.eval().to(device)
-    with torch.no_grad():
-        for index, batch in enumerate(dataloader):
-            batch = batch.to(device) if hasattr(batch, "to") else batch
-            start = time.perf_counter()
-            batch = _pre_process(model, batch)
-            output = model.test_step(batch, index)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            seconds.append((time.perf_counter() - start) / max(1, len(output.volumes())))
-            output = output.to("cpu") if hasattr(output, "to") else output
-            accumulator.update(output)
-            if on_batch is not None:
-                on_batch(output)
-    return accumulator, seconds
-
-
-def _save_example(batch, path: Path, title: str) -> bool:  # noqa: ANN001
-    """Draw the slice with the largest lesion area: image, anomaly map, true outline."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    area = batch.gt_mask.flatten(1).sum(1)
-    if area.max() == 0:
-        return False
-    row = int(area.argmax())
-    image = batch.image[row, 0].float().numpy()
-    amap = batch.anomaly_map[row].float().numpy()
-    mask = batch.gt_mask[row].float().numpy()
-    fig, axes = plt.subplots(1, 2, figsize=(6, 3.2))
-    for ax in axes:
-        ax.imshow(image, cmap="gray", origin="lower")
-        ax.contour(mask, levels=[0.5], colors="lime", linewidths=0.8, origin="lower")
-        ax.axis("off")
-    axes[1].imshow(amap, cmap="jet", alpha=0.5, origin="lower")
-    axes[0].set_title("scan + lesion outline", fontsize=8)
-    axes[1].set_title(f"{title}: anomaly map", fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return True
 
 
 def _export_size(engine, model, out_dir: Path) -> tuple[int | None, str | None]:  # noqa: ANN001
@@ -120,73 +49,69 @@ def _export_size(engine, model, out_dir: Path) -> tuple[int | None, str | None]:
 
 
 def run_single(spec: dict, out_dir: Path) -> dict:
-    """Fit and evaluate one (model, dataset, seed); return the result record."""
+    """Fit, validate and test one (model, dataset, seed); return the result record."""
     import torch
     from anomalib.engine import Engine
     from lightning.pytorch import seed_everything
 
+    from simpleslicenet.benchmark.callbacks import ExampleDrawer, InferenceTimer
     from simpleslicenet.models.registry import create_model
-    from simpleslicenet.plugin import register
 
-    register()
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(spec["seed"], workers=True)
     datamodule = load_datamodule(spec["dataset_class"], {**spec["dataset_args"], "seed": spec["seed"]})
-    datamodule.prepare_data()
-    datamodule.setup()
-    model = create_model(spec["model"], **spec["model_args"])
+    # Maps are not written during the sweep; the example picture is drawn by a callback instead.
+    model = create_model(spec["model"], **{"visualizer": False, **spec["model_args"]})
+    timer = InferenceTimer()
+    example = ExampleDrawer(out_dir / "example.png", spec["label"])
+    callbacks = [timer, example]
+    if spec.get("select_checkpoint"):
+        from simpleslicenet.training.selection import ValidationSliceAUROCCheckpoint
+
+        callbacks.append(ValidationSliceAUROCCheckpoint(**spec["select_checkpoint"]))
     trainer = {"accelerator": "cpu", "devices": 1, **spec["trainer"]}
-    device = "cuda" if trainer["accelerator"] in {"gpu", "cuda"} or (
-        trainer["accelerator"] == "auto" and torch.cuda.is_available()
-    ) else "cpu"
     engine = Engine(
         default_root_dir=out_dir / "engine",
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        callbacks=callbacks,
         **trainer,
     )
     start = time.perf_counter()
     engine.fit(model, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start
+    # The tested model (the final one, or the selected checkpoint) chooses its Dice threshold on validation.
+    selected = callbacks[-1].best_model_path if spec.get("select_checkpoint") else None
+    engine.validate(model, datamodule=datamodule, ckpt_path=selected)
+    timer.seconds.clear()
+    [metrics] = engine.test(model, datamodule=datamodule, ckpt_path=selected)
     n_train = len(datamodule.train_data)
-
-    val_acc, _ = evaluate_model(model, datamodule.val_dataloader(), device)
-    threshold = val_acc.threshold_for_max_dice()
-    example = out_dir / "example.png"
-    drew = []
-
-    def draw(batch) -> None:  # noqa: ANN001
-        if not drew and batch.gt_mask.any():
-            drew.append(_save_example(batch, example, spec["label"]))
-
-    test_acc, seconds = evaluate_model(model, datamodule.test_dataloader(), device, draw, threshold)
-    metrics = test_acc.compute()
-    timed = seconds[1:] or seconds  # the first volume pays for lazy initialisation
     params = sum(p.numel() for p in model.model.parameters())
     trainable = sum(p.numel() for p in model.model.parameters() if p.requires_grad)
     export_bytes, export_error = _export_size(engine, model, out_dir) if spec.get("export") else (None, None)
-    result = {
+    checkpoint = selected or (engine.trainer.checkpoint_callback.best_model_path if engine.trainer.checkpoint_callback else "")
+    return {
         **spec,
-        "metrics": metrics,
-        "val_threshold": threshold,
+        "metrics": {name: float(value) for name, value in metrics.items()},
+        "val_threshold": model.dice_threshold,
+        "checkpoint": str(Path(checkpoint).relative_to(out_dir)) if checkpoint else None,
         "fit_seconds": fit_seconds,
         "fit_seconds_per_volume_epoch": fit_seconds / max(1, n_train * engine.trainer.current_epoch),
         "epochs": engine.trainer.current_epoch,
-        "inference_seconds_per_volume": sorted(timed)[len(timed) // 2],
+        "inference_seconds_per_volume": timer.steady,
         "peak_ram_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "parameters": params,
         "trainable_parameters": trainable,
         "export_bytes": export_bytes,
         "export_error": export_error,
-        "example": example.name if drew and drew[0] else None,
-        "device": device,
+        "example": example.path.name if example.drawn else None,
+        "device": str(model.device),
         "n_train_volumes": n_train,
         "n_test_volumes": len(datamodule.test_data),
         "torch_threads": torch.get_num_threads(),
     }
-    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -195,9 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     spec_path, result_path = Path(argv[0]), Path(argv[1])
     spec = json.loads(spec_path.read_text())
     result = run_single(spec, result_path.parent / spec["run_id"])
-    tmp = result_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str))
-    os.replace(tmp, result_path)
+    atomic_write_text(result_path, json.dumps(result, indent=2, default=str))
 
 
 if __name__ == "__main__":

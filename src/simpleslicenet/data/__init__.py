@@ -1,6 +1,8 @@
 """Brain MRI data: NIfTI volumes, the slice-stack batch, datasets and datamodules.
 
 A volume travels as a :class:`VolumeBatch` of its axial slices, in order (see :mod:`.batch`).
+Preparing raw scans (registration, brain extraction, DICOM) lives in :mod:`.preprocess`. Names load
+on first use, so ``simpleslicenet preprocess`` or reading a NIfTI file does not import torch and anomalib.
 
 Example:
     >>> from simpleslicenet.data import NiftiFolder
@@ -8,52 +10,41 @@ Example:
     >>> datamodule.setup()  # doctest: +SKIP
 """
 
-from simpleslicenet.data.batch import VolumeBatch, VolumeItem, collate_volumes
-from simpleslicenet.data.datamodules import (
-    IXI,
-    BrainPhantom,
-    Br35H,
-    BraTS2021,
-    IXIBraTS,
-    NiftiFolder,
-    VolumeDataModule,
-)
-from simpleslicenet.data.dataset import VolumeDataset, volume_to_batch
-from simpleslicenet.data.preprocess import preprocess_folder, preprocess_scan
-from simpleslicenet.data.volume import (
-    LoadedVolume,
-    VolumeError,
-    VolumeGeometry,
-    from_slices,
-    load_volume,
-    read_mask,
-    read_nifti,
-    to_slices,
-    write_nifti,
-)
+from __future__ import annotations
 
-__all__ = [
-    "VolumeBatch",
-    "VolumeItem",
-    "collate_volumes",
-    "VolumeDataset",
-    "volume_to_batch",
-    "VolumeDataModule",
-    "BrainPhantom",
-    "NiftiFolder",
-    "BraTS2021",
-    "IXI",
-    "IXIBraTS",
-    "Br35H",
-    "LoadedVolume",
-    "VolumeError",
-    "VolumeGeometry",
-    "load_volume",
-    "read_nifti",
-    "read_mask",
-    "write_nifti",
-    "to_slices",
-    "from_slices",
-    "preprocess_scan",
-    "preprocess_folder",
-]
+import importlib
+
+# Public name -> the module that defines it.
+_LAZY = {
+    "VolumeBatch": "simpleslicenet.data.batch",
+    "VolumeItem": "simpleslicenet.data.batch",
+    "collate_volumes": "simpleslicenet.data.batch",
+    "VolumeDataset": "simpleslicenet.data.dataset",
+    "volume_to_batch": "simpleslicenet.data.dataset",
+    "VolumeDataModule": "simpleslicenet.data.datamodules",
+    "BrainPhantom": "simpleslicenet.data.datamodules",
+    "NiftiFolder": "simpleslicenet.data.datamodules",
+    "BraTS2021": "simpleslicenet.data.datamodules",
+    "IXI": "simpleslicenet.data.datamodules",
+    "IXIBraTS": "simpleslicenet.data.datamodules",
+    "Br35H": "simpleslicenet.data.datamodules",
+    "VolumeGeometry": "simpleslicenet.data.geometry",
+    "to_slices": "simpleslicenet.data.geometry",
+    "from_slices": "simpleslicenet.data.geometry",
+    "VolumeError": "simpleslicenet.data.nifti",
+    "read_nifti": "simpleslicenet.data.nifti",
+    "read_mask": "simpleslicenet.data.nifti",
+    "write_nifti": "simpleslicenet.data.nifti",
+    "LoadedVolume": "simpleslicenet.data.volume",
+    "VolumePreprocessing": "simpleslicenet.data.volume",
+    "load_volume": "simpleslicenet.data.volume",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)

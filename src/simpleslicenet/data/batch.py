@@ -14,12 +14,9 @@ import torch
 from anomalib.data import ImageBatch, ImageItem
 from torchvision.tv_tensors import Image, Mask
 
-from simpleslicenet.data.volume import VolumeGeometry
+from simpleslicenet.data.geometry import VolumeGeometry
 
 __all__ = ["VolumeBatch", "VolumeItem", "collate_volumes"]
-
-# Fields that anomalib does not know about; the rest are ImageBatch's own.
-VOLUME_FIELDS = ("volume_index", "slice_index", "brain_mask", "volume_label", "volume_score", "geometry")
 
 
 @dataclass
@@ -78,11 +75,6 @@ class VolumeBatch(ImageBatch):
                 out.append((ids[start], slice(start, row)))
                 start = row
         return out
-
-    @property
-    def depth(self) -> int:
-        """Number of slices of the (first) volume in the batch."""
-        return self.volumes()[0][1].stop - self.volumes()[0][1].start
 
     @classmethod
     def collate(cls, items: list) -> VolumeBatch:

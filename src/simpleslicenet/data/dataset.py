@@ -11,7 +11,9 @@ from anomalib.data.datasets.base import AnomalibDataset
 from torchvision.tv_tensors import Image, Mask
 
 from simpleslicenet.data.batch import VolumeBatch, collate_volumes
-from simpleslicenet.data.volume import VolumeError, load_volume, to_slices
+from simpleslicenet.data.geometry import to_slices
+from simpleslicenet.data.nifti import VolumeError
+from simpleslicenet.data.volume import VolumePreprocessing, load_volume
 
 __all__ = ["VolumeDataset", "SAMPLE_COLUMNS"]
 
@@ -24,9 +26,7 @@ class VolumeDataset(AnomalibDataset):
 
     Args:
         samples: Table with :data:`SAMPLE_COLUMNS`.
-        target_shape: Model grid ``(x, y, z)``; every volume is cropped/padded to it around the brain.
-        intensity: ``"percentile"`` (default) or ``"minmax"``; see :func:`~simpleslicenet.data.volume.scale_intensity`.
-        resample_mm: Resample scans to this isotropic spacing first (``None``: keep the file's grid).
+        preprocessing: How each scan becomes a model input (:class:`~simpleslicenet.data.volume.VolumePreprocessing`).
         cache: Keep preprocessed volumes in memory (reading a compressed NIfTI costs far more than a
             training step on a small grid).
     """
@@ -34,9 +34,7 @@ class VolumeDataset(AnomalibDataset):
     def __init__(
         self,
         samples: pd.DataFrame,
-        target_shape: tuple[int, int, int] = (192, 192, 96),
-        intensity: str = "percentile",
-        resample_mm: float | None = None,
+        preprocessing: VolumePreprocessing | None = None,
         cache: bool = True,
     ) -> None:
         super().__init__()
@@ -52,9 +50,7 @@ class VolumeDataset(AnomalibDataset):
         samples["volume_index"] = range(len(samples))
         samples.attrs["task"] = "segmentation"
         self.samples = samples
-        self.target_shape = tuple(int(t) for t in target_shape)
-        self.intensity = intensity
-        self.resample_mm = resample_mm
+        self.preprocessing = preprocessing if preprocessing is not None else VolumePreprocessing()
         self.cache = cache
         self._cache: dict[int, VolumeBatch] = {}
 
@@ -76,11 +72,9 @@ class VolumeDataset(AnomalibDataset):
         is_lesion = int(row.label_index) == 1
         volume = load_volume(
             row.image_path,
-            target_shape=self.target_shape,
+            self.preprocessing,
             mask_path=row.mask_path if isinstance(row.mask_path, str) and row.mask_path else None,
             brain_mask_path=row.brain_mask_path if isinstance(row.brain_mask_path, str) else None,
-            intensity=self.intensity,
-            resample_mm=self.resample_mm,
             require_mask=is_lesion,
         )
         return volume_to_batch(

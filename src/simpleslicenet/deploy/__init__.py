@@ -1,4 +1,4 @@
-"""Deployment: OpenVINO export (atomic, tagged with the training preprocessing) and volume inference.
+"""Deployment: OpenVINO export (:mod:`.export`, atomic, tagged with the training preprocessing) and volume inference.
 
 Example:
     >>> from simpleslicenet.deploy import VolumeInferencer
@@ -9,7 +9,7 @@ Example:
 or ``simpleslicenet predict --model model.xml --input scans/ --output maps/``.
 """
 
-from simpleslicenet.deploy.inferencer import ModelFileError, VolumeInferencer, VolumePrediction
-from simpleslicenet.deploy.predict import find_scans, predict_paths
+from simpleslicenet.deploy.inferencer import ModelFileError, ModelOutputError, VolumeInferencer, VolumePrediction
+from simpleslicenet.deploy.predict import PredictionReport, predict_paths
 
-__all__ = ["ModelFileError", "VolumeInferencer", "VolumePrediction", "find_scans", "predict_paths"]
+__all__ = ["ModelFileError", "ModelOutputError", "PredictionReport", "VolumeInferencer", "VolumePrediction", "predict_paths"]

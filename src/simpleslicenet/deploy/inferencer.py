@@ -7,25 +7,26 @@ putting the map back into the scan's grid — happens here, with the settings re
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F  # noqa: N812
 
-from simpleslicenet.data.dataset import volume_to_batch
-from simpleslicenet.data.volume import VolumeGeometry, from_slices, load_volume, uncrop
-from simpleslicenet.models.volume_model import METADATA_KEY
-from simpleslicenet.models.volume_ops import restrict_to_brain, volume_score
+from simpleslicenet.data.geometry import VolumeGeometry, to_slices
+from simpleslicenet.data.volume import VolumePreprocessing, load_volume
+from simpleslicenet.deploy.loading import (
+    ModelFileError,
+    ModelMetadata,
+    ModelOutputError,
+    check_model_output,
+    load_checkpoint_model,
+    load_openvino,
+)
+from simpleslicenet.models.scoring import score_volumes
 
-__all__ = ["VolumeInferencer", "VolumePrediction", "ModelFileError"]
-
-
-class ModelFileError(ValueError):
-    """A model file that cannot be used for volume inference (message names the file)."""
+__all__ = ["VolumeInferencer", "VolumePrediction", "ModelFileError", "ModelOutputError"]
 
 
 @dataclass
@@ -33,7 +34,8 @@ class VolumePrediction:
     """Result for one scan.
 
     Args:
-        anomaly_map: Voxel scores in the scan's canonical grid (``x, y, z``), 0 outside the model's box.
+        anomaly_map: Voxel scores in the scan's canonical grid (``x, y, z``); outside the model's box the
+            volume's lowest score.
         model_map: Voxel scores in the model grid ``[D, H, W]``.
         slice_scores: Score of each model-grid slice ``[D]``.
         volume_score: Score of the whole volume.
@@ -61,8 +63,14 @@ class VolumeInferencer:
             bf16 support; scores move by about 1e-2). OpenVINO only.
         modality: If given, refuse models trained on another contrast/modality.
 
+    Model files are loaded without running code from them and their metadata is validated
+    (:mod:`simpleslicenet.deploy.loading`); :meth:`run_slices` refuses output that is not one finite map
+    per slice (:class:`ModelOutputError`).
+
     Raises:
-        ModelFileError: Missing file, unknown format, or a model that is not an exported simpleslicenet model.
+        ModelFileError: Missing file, unknown format, a checkpoint that would run code, a model class
+            that is not one of the package's, invalid metadata, or a graph that is not an exported
+            simpleslicenet model.
     """
 
     def __init__(
@@ -87,105 +95,67 @@ class VolumeInferencer:
         else:
             msg = f"{self.model_path}: unknown model format {suffix!r}: expected an OpenVINO .xml or a Lightning .ckpt"
             raise ModelFileError(msg)
-        self.preprocessing = dict(self.metadata.get("preprocessing", {}))
-        trained_on = self.preprocessing.get("contrast") or self.preprocessing.get("modality")
-        if modality is not None and trained_on is not None and modality.lower() != str(trained_on).lower():
+        # Validated by the loaders: known keys, accepted class, finite numbers, a grid within the voxel limit.
+        self.preprocessing = self._metadata.preprocessing or VolumePreprocessing()
+        self.scoring = self._metadata.scoring
+        self.metadata = self._metadata.to_dict()
+        trained_on = self.preprocessing.modality
+        if modality is not None and trained_on is not None and modality.lower() != trained_on:
             msg = f"{self.model_path}: model was trained on {trained_on} scans, not {modality}"
             raise ModelFileError(msg)
 
     # -- loading -------------------------------------------------------------------------------
     def _load_openvino(self, device: str, precision: str) -> None:
-        import openvino as ov
-
-        core = ov.Core()
-        try:
-            model = core.read_model(self.model_path)
-        except RuntimeError as error:
-            msg = f"{self.model_path}: not a readable OpenVINO model ({error})"
-            raise ModelFileError(msg) from error
-        if not model.has_rt_info([METADATA_KEY]):
-            msg = (
-                f"{self.model_path}: not an exported simpleslicenet model (no '{METADATA_KEY}' metadata); "
-                "export it with `simpleslicenet export` or `anomalib export` from a simpleslicenet checkpoint"
-            )
-            raise ModelFileError(msg)
-        self.metadata = json.loads(model.get_rt_info([METADATA_KEY]).astype(str))
+        loaded = load_openvino(self.model_path, device=device, precision=precision)
+        self._metadata: ModelMetadata = loaded.metadata
         self.backend = "openvino"
-        config = {"INFERENCE_PRECISION_HINT": precision}
-        self._compiled = core.compile_model(model, device.upper(), config)
-        self._output_names = [output.get_any_name() for output in self._compiled.outputs]
+        self._compiled = loaded.compiled
+        self._output_names = loaded.output_names
 
     def _load_checkpoint(self, device: str) -> None:
-        import importlib
-
-        try:
-            checkpoint = torch.load(self.model_path, map_location="cpu", weights_only=False)
-        except Exception as error:  # noqa: BLE001 - torch raises many types for foreign files
-            msg = f"{self.model_path}: not a readable checkpoint ({type(error).__name__}: {error})"
-            raise ModelFileError(msg) from error
-        block = checkpoint.get(METADATA_KEY) if isinstance(checkpoint, dict) else None
-        if block is None:
-            msg = f"{self.model_path}: not a simpleslicenet checkpoint (no '{METADATA_KEY}' entry)"
-            raise ModelFileError(msg)
-        module_name, class_name = block["class_path"].rsplit(".", 1)
-        cls = getattr(importlib.import_module(module_name), class_name)
-        self.metadata = block
-        self.backend = "torch"
         self._device = torch.device(device.lower() if device.upper() != "CPU" else "cpu")
-        self._model = cls.load_from_checkpoint(self.model_path, map_location=self._device, weights_only=False)
-        self._model.eval()
+        self._model, self._metadata = load_checkpoint_model(self.model_path, device=str(self._device))
+        self.backend = "torch"
 
     # -- running -------------------------------------------------------------------------------
-    def run_slices(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Anomaly map ``[D, H, W]`` and slice scores ``[D]`` for a slice stack ``[D, 3, H, W]`` in [0, 1]."""
+    def run_slices(self, images: np.ndarray) -> torch.Tensor:
+        """Raw anomaly map ``[D, h, w]`` of a slice stack ``[D, 3, H, W]`` in [0, 1].
+
+        Raises:
+            ModelOutputError: The model gave no finite map per slice.
+        """
         images = np.ascontiguousarray(images, dtype=np.float32)
         if self.backend == "openvino":
             outputs = self._compiled(images)
             named = {name: outputs[i] for i, name in enumerate(self._output_names)}
-            amap, scores = torch.from_numpy(np.asarray(named["anomaly_map"])), np.asarray(named["pred_score"])
+            anomaly_map = torch.from_numpy(np.asarray(named["anomaly_map"]))
         else:
             with torch.no_grad():
-                result = self._model(torch.from_numpy(images).to(self._device))
-            amap, scores = result.anomaly_map.float().cpu(), result.pred_score.float().cpu().numpy()
-        amap = amap.reshape(images.shape[0], *amap.shape[-2:])
-        if tuple(amap.shape[-2:]) != tuple(images.shape[2:]):
-            # Models that resize slices internally return maps at their own size: back to the slice grid.
-            amap = F.interpolate(amap[:, None], size=images.shape[2:], mode="bilinear", align_corners=False)[:, 0]
-        return amap.numpy(), scores.reshape(-1)
+                anomaly_map = self._model(torch.from_numpy(images).to(self._device)).anomaly_map.float().cpu()
+        check_model_output(anomaly_map.numpy(), depth=images.shape[0], source=self.model_path)
+        return anomaly_map
 
     def predict(self, scan_path: str | os.PathLike, brain_mask_path: str | os.PathLike | None = None) -> VolumePrediction:
-        """Preprocess a scan exactly as in training, run the model, and map the result back to the scan."""
-        prep = self.preprocessing
-        volume = load_volume(
-            scan_path,
-            target_shape=tuple(prep["target_shape"]) if prep.get("target_shape") else None,
-            brain_mask_path=brain_mask_path,
-            intensity=prep.get("intensity", "percentile"),
-            resample_mm=prep.get("resample_mm"),
-        )
-        batch = volume_to_batch(volume.image, brain_mask=volume.brain_mask, geometry=volume.geometry)
-        raw_map, _ = self.run_slices(batch.image.numpy())
-        # As in training and testing: scores come from brain voxels only.
-        restricted, slice_scores = restrict_to_brain(torch.from_numpy(raw_map), batch.brain_mask)
-        scoring = self.metadata.get("scoring", {})
-        score = float(
-            volume_score(
-                restricted,
-                batch.brain_mask,
-                mode=scoring.get("volume_score_mode", "max"),
-                topk_fraction=scoring.get("topk_fraction", 0.001),
-            )
-        )
-        amap, slice_scores, brain = restricted.numpy(), slice_scores.numpy(), batch.brain_mask.numpy()
-        # Outside the model's box the scan gets the volume's lowest score, never a value that could
-        # exceed real scores (log-likelihood scores are negative).
-        full = uncrop(from_slices(amap), volume.geometry, fill=float(amap.min()))
+        """Preprocess a scan exactly as in training, run the model, and map the result back to the scan.
+
+        Args:
+            scan_path: The scan (resampled to the training spacing when its voxel size differs).
+            brain_mask_path: Its brain mask, used when the model was trained with brain-mask files.
+        """
+        volume = load_volume(scan_path, self.preprocessing, brain_mask_path=brain_mask_path)
+        # The slice stack of a datamodule's VolumeBatch (grey repeated to three channels), made without
+        # the batch class: deployment then never imports anomalib (seconds of start-up per process).
+        slices = to_slices(volume.image)
+        images = np.broadcast_to(slices[:, None], (slices.shape[0], 3, *slices.shape[1:]))
+        brain_slices = torch.from_numpy(to_slices(volume.brain_mask))
+        scores = score_volumes(self.run_slices(images), brain_slices, scoring=self.scoring)
+        amap, brain = scores.anomaly_map.numpy(), brain_slices.numpy()
         return VolumePrediction(
-            anomaly_map=full,
-            scan_brain_mask=uncrop(from_slices(brain), volume.geometry, fill=False),
+            anomaly_map=volume.geometry.to_scan(amap),
+            scan_brain_mask=volume.geometry.to_scan(brain, fill=False),
             model_map=amap,
-            slice_scores=slice_scores,
-            volume_score=score,
+            slice_scores=scores.slice_scores.numpy(),
+            volume_score=float(scores.volume_scores[0]),
             geometry=volume.geometry,
             brain_mask=brain,
         )

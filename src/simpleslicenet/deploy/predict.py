@@ -1,49 +1,198 @@
-"""``simpleslicenet predict``: anomaly maps for one scan or a folder of scans, never overwriting by accident."""
+"""``simpleslicenet predict``: anomaly maps for one scan or a folder of scans, one transaction per batch.
+
+* **Which files are scans** follows the dataset naming rule (:func:`simpleslicenet.data.scans.scans_from`):
+  masks, hidden files and the command's own outputs are never read as scans.
+* **A bad scan does not stop the batch.** A scan the reader refuses (:class:`~simpleslicenet.data.nifti.VolumeError`)
+  or on which the model gives no finite map (:class:`~simpleslicenet.deploy.loading.ModelOutputError`) is
+  reported, skipped and listed under ``"failed"`` in ``scores.json``; the command then exits non-zero.
+  ``fail_fast`` (``--fail-fast``) stops at the first one instead, and nothing is written.
+* **All or nothing.** Maps and summaries are written into a hidden staging folder beside the output
+  folder, which replaces the output folder only once every scan has been handled
+  (:func:`simpleslicenet.atomic.replace_directory`). A batch that fails or is interrupted (Ctrl-C or
+  SIGTERM) leaves the previous output folder exactly as it was and removes its staging folder; a
+  staging folder left by a killed process is removed by the next run. The output folder therefore
+  always holds one complete batch: no new maps beside stale ones, no half-written file.
+* **Strict JSON**: ``scores.json`` never holds NaN or Infinity.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import logging
 import os
+import shutil
+import signal
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from simpleslicenet.data.volume import NIFTI_SUFFIXES, VolumeError, write_nifti
+from simpleslicenet.atomic import TEMP_PREFIX, atomic_write_text, replace_directory
+from simpleslicenet.data.nifti import VolumeError, write_nifti
+from simpleslicenet.data.scans import OUTPUT_SUFFIXES, ScanFiles, nifti_stem, scans_from
 from simpleslicenet.deploy.inferencer import VolumeInferencer
-from simpleslicenet.visualization import scan_stem
+from simpleslicenet.deploy.loading import ModelOutputError
 
-__all__ = ["find_scans", "output_paths", "predict_paths"]
+__all__ = ["PredictionReport", "SUMMARY_FILES", "output_paths", "predict_paths"]
 
+logger = logging.getLogger(__name__)
 
-def find_scans(inputs: str | os.PathLike) -> list[Path]:
-    """The scan itself, or every NIfTI file in a folder (sorted); a clear error if there is none."""
-    inputs = Path(inputs)
-    if inputs.is_file():
-        return [inputs]
-    if inputs.is_dir():
-        scans = sorted(p for p in inputs.iterdir() if p.is_file() and p.name.endswith(NIFTI_SUFFIXES))
-        if not scans:
-            raise VolumeError(inputs, "folder holds no NIfTI scans (.nii or .nii.gz)")
-        return scans
-    raise VolumeError(inputs, "no such file or folder")
+SUMMARY_FILES = ("scores.json", "scores.csv")
+_STAGING_TAG = "predict"
 
 
-def output_paths(scan: Path, output: Path, threshold: float | None) -> dict[str, Path]:
+@dataclass
+class PredictionReport:
+    """What one ``predict`` batch did.
+
+    Args:
+        output: The output folder.
+        scans: One record per predicted scan: ``scan``, ``volume_score``, ``slice_scores``, ``map_path``
+            (and ``mask_path`` with a threshold).
+        failed: One record per skipped scan: ``scan`` and ``error``.
+    """
+
+    output: Path
+    scans: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """``True`` if no scan failed."""
+        return not self.failed
+
+
+def output_paths(scan: ScanFiles, output: Path, threshold: float | None) -> dict[str, Path]:
     """Where the outputs for ``scan`` go."""
-    stem = scan_stem(scan)
+    stem = scan.name
     paths = {"map": output / f"{stem}_anomaly_map.nii.gz"}
     if threshold is not None:
         paths["mask"] = output / f"{stem}_anomaly_mask.nii.gz"
     return paths
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _is_predict_output(path: Path) -> bool:
+    if not path.is_file() or path.is_symlink():
+        return False
+    stem = nifti_stem(path)
+    return path.name in SUMMARY_FILES or (stem is not None and stem.endswith(OUTPUT_SUFFIXES))
+
+
+def _check_output_folder(output: Path, overwrite: bool) -> None:
+    """Refuse an output folder that holds anything but a previous batch, or one when not overwriting."""
+    if output.exists() and not output.is_dir():
+        msg = f"{output}: exists and is not a folder; choose an output folder"
+        raise FileExistsError(msg)
+    if not output.is_dir():
+        return
+    entries = sorted(output.iterdir())
+    foreign = [path for path in entries if not _is_predict_output(path)]
+    if foreign:
+        msg = (
+            f"{output}: holds {len(foreign)} entries that predict did not write (e.g. {foreign[0].name}); the folder "
+            "is replaced as a whole when a batch completes, so choose a new or empty output folder"
+        )
+        raise FileExistsError(msg)
+    if entries and not overwrite:
+        msg = f"{entries[0]}: already exists ({len(entries)} output files in all); pass --overwrite to replace them"
+        raise FileExistsError(msg)
+
+
+def _staging_prefix(output: Path) -> str:
+    return f"{TEMP_PREFIX}{output.name}.{_STAGING_TAG}-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_abandoned_staging(output: Path) -> None:
+    """Remove staging folders of this output left by processes that were killed (their pid is gone)."""
+    if not output.parent.is_dir():
+        return
+    prefix = _staging_prefix(output)
+    for path in output.parent.iterdir():
+        if not path.name.startswith(prefix) or not path.is_dir():
+            continue
+        pid = path.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def _terminate_unwinds() -> Iterator[None]:
+    """While active, SIGTERM raises ``SystemExit`` (as Ctrl-C raises ``KeyboardInterrupt``), so cleanup runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_on_terminate(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_on_terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back while the finished batch is swapped in, so the swap is never cut in half."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a held signal is delivered here
+
+
+def _resolve_threshold(threshold: float | str | None, inferencer: VolumeInferencer, model: object) -> float | None:
+    if threshold == "val":
+        threshold = inferencer.metadata.get("dice_threshold")
+        if threshold is None:
+            msg = f"{model}: holds no validation threshold (trained without a validation split); pass a number"
+            raise ValueError(msg)
+    return None if threshold is None else float(threshold)
+
+
+def _write_outputs(prediction: Any, staged: dict[str, Path], threshold: float | None) -> None:  # noqa: ANN401
+    """Write one scan's map (and mask) into the staging folder."""
+    write_nifti(prediction.anomaly_map, prediction.geometry, staged["map"])
+    if threshold is not None:
+        mask = ((prediction.anomaly_map > threshold) & prediction.scan_brain_mask).astype(np.uint8)
+        write_nifti(mask, prediction.geometry, staged["mask"], dtype=np.uint8)
+
+
+def _summaries(report: PredictionReport, model: object, threshold: float | None) -> dict[str, str]:
+    document = {"model": str(model), "threshold": threshold, "scans": report.scans, "failed": report.failed}
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["scan", "volume_score", "max_slice_score", "map_path", "error"])
+    for record in report.scans:
+        writer.writerow([record["scan"], record["volume_score"], max(record["slice_scores"]), record["map_path"], ""])
+    for record in report.failed:
+        writer.writerow([record["scan"], "", "", "", record["error"]])
+    # allow_nan=False: a NaN that slipped through fails the batch instead of writing invalid JSON.
+    return {"scores.json": json.dumps(document, indent=2, allow_nan=False), "scores.csv": buffer.getvalue()}
 
 
 def predict_paths(
@@ -55,68 +204,88 @@ def predict_paths(
     precision: str = "f32",
     device: str = "CPU",
     progress: bool = True,
-) -> list[dict]:
+    fail_fast: bool = False,
+) -> PredictionReport:
     """Write an anomaly map (and optionally a mask) per scan, plus ``scores.json`` and ``scores.csv``.
 
     Maps are in each scan's own grid and affine, so they overlay the scan in any viewer. Scores are in
-    the model's own units (higher is more anomalous).
+    the model's own units (higher is more anomalous). The output folder is replaced as a whole when
+    the batch is complete (see the module docstring).
 
     Args:
         model: Exported ``.xml`` or ``.ckpt``.
         inputs: A scan or a folder of scans.
-        output: Output folder (created).
+        output: Output folder: new, empty, or holding a previous batch's outputs only.
         threshold: Also write ``<scan>_anomaly_mask.nii.gz`` of voxels whose score exceeds it; ``"val"``
             uses the threshold that maximised Dice on the validation split during training.
-        overwrite: Replace existing outputs; otherwise refuse before writing anything.
+        overwrite: Replace a previous batch's outputs; otherwise refuse before reading anything.
         precision: OpenVINO precision, ``"f32"`` or ``"bf16"``.
         device: OpenVINO device or torch device.
         progress: Show a progress bar.
+        fail_fast: Stop at the first bad scan (nothing is written) instead of skipping it.
 
     Returns:
-        One record per scan: paths written, volume score and slice scores.
+        The batch's records; scans that were skipped are in ``failed``.
+
+    Raises:
+        FileExistsError: The output folder holds outputs and ``overwrite`` is false, or holds other files.
+        VolumeError: The input is not a scan or a folder of scans, or (``fail_fast``) a scan is bad.
+        ModelFileError: The model cannot be used (:class:`~simpleslicenet.deploy.loading.ModelOutputError`
+            with ``fail_fast`` when it gives no finite map for a scan).
     """
-    scans = find_scans(inputs)
+    scans = scans_from(inputs)
     output = Path(output)
-    planned = [output_paths(scan, output, threshold) for scan in scans]
-    names = [paths["map"].name for paths in planned]
-    clashes = sorted({name for name in names if names.count(name) > 1})
-    if clashes:
-        msg = f"{inputs}: several scans would write {clashes[0]} (same name, e.g. .nii and .nii.gz); rename them"
-        raise ValueError(msg)
-    summaries = [output / "scores.json", output / "scores.csv"]
-    if not overwrite:
-        existing = [p for paths in planned for p in paths.values() if p.exists()] + [p for p in summaries if p.exists()]
-        if existing:
-            msg = f"{existing[0]}: already exists ({len(existing)} output files in all); pass --overwrite to replace them"
-            raise FileExistsError(msg)
+    if output.name in {"", ".", ".."}:
+        output = output.resolve()  # the staging folder is named after the output folder
+    _check_output_folder(output, overwrite)
     inferencer = VolumeInferencer(model, device=device, precision=precision)
-    if threshold == "val":
-        threshold = inferencer.metadata.get("dice_threshold")
-        if threshold is None:
-            msg = f"{model}: holds no validation threshold (trained without a validation split); pass a number"
-            raise ValueError(msg)
-    threshold = None if threshold is None else float(threshold)
-    output.mkdir(parents=True, exist_ok=True)
-    records = []
-    for scan, paths in tqdm(list(zip(scans, planned, strict=True)), desc="predict", unit="scan", disable=not progress):
-        prediction = inferencer.predict(scan)
-        write_nifti(prediction.anomaly_map, prediction.geometry, paths["map"], overwrite=True)
-        if threshold is not None:
-            mask = ((prediction.anomaly_map > threshold) & prediction.scan_brain_mask).astype(np.uint8)
-            write_nifti(mask, prediction.geometry, paths["mask"], dtype=np.uint8, overwrite=True)
-        records.append(
-            {
-                "scan": str(scan),
-                "volume_score": prediction.volume_score,
-                "slice_scores": [float(s) for s in prediction.slice_scores],
-                **{f"{key}_path": str(path) for key, path in paths.items()},
-            }
-        )
-    _atomic_write(summaries[0], json.dumps({"model": str(model), "threshold": threshold, "scans": records}, indent=2))
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["scan", "volume_score", "max_slice_score", "map_path"])
-    for record in records:
-        writer.writerow([record["scan"], record["volume_score"], max(record["slice_scores"]), record["map_path"]])
-    _atomic_write(summaries[1], buffer.getvalue())
-    return records
+    threshold = _resolve_threshold(threshold, inferencer, model)
+    report = PredictionReport(output=output)
+    with _terminate_unwinds():
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_staging(output)
+        staging = output.parent / f"{_staging_prefix(output)}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        # One thread compresses and writes each scan's maps while the next scan is read and run (zlib
+        # releases the GIL): on a small CPU, writing then costs a scan almost no time of its own.
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-writer")
+        pending: Future | None = None
+        try:
+            staging.mkdir()
+            for scan in tqdm(scans, desc="predict", unit="scan", disable=not progress):
+                try:
+                    prediction = inferencer.predict(scan.image_path, brain_mask_path=scan.brain_mask_path)
+                except (VolumeError, ModelOutputError) as error:
+                    if fail_fast:
+                        raise
+                    logger.error("skipped %s", error)
+                    report.failed.append({"scan": str(scan.image_path), "error": str(error)})
+                    continue
+                if prediction.geometry.file_shape is not None:
+                    logger.info(
+                        "%s: resampled to the model's %g mm voxels; the map is written on the scan's own grid",
+                        scan.image_path,
+                        inferencer.preprocessing.spacing_mm,
+                    )
+                staged = output_paths(scan, staging, threshold)
+                if pending is not None:
+                    pending.result()  # one scan's maps in flight at most; a failed write stops the batch here
+                pending = writer.submit(_write_outputs, prediction, staged, threshold)
+                report.scans.append(
+                    {
+                        "scan": str(scan.image_path),
+                        "volume_score": prediction.volume_score,
+                        "slice_scores": [float(s) for s in prediction.slice_scores],
+                        **{f"{key}_path": str(output / path.name) for key, path in staged.items()},
+                    }
+                )
+            if pending is not None:
+                pending.result()
+            for name, text in _summaries(report, model, threshold).items():
+                atomic_write_text(staging / name, text)
+            with _signals_deferred():
+                replace_directory(staging, output)
+        finally:
+            writer.shutdown(wait=True, cancel_futures=True)  # nothing writes into the staging folder once it goes
+            with _signals_deferred():  # a second Ctrl-C must not cut the cleanup short
+                shutil.rmtree(staging, ignore_errors=True)  # nothing left after a success: it became the output
+    return report

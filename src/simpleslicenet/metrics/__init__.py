@@ -14,30 +14,11 @@ Example:
     >>> sorted(m.name for m in evaluator.test_metrics)[:3]
     ['slice_AUPRC', 'slice_AUROC', 'volume_AUPRC']
 
-    Outside Lightning::
-
-        >>> from simpleslicenet.metrics import VolumeMetricAccumulator
-        >>> accumulator = VolumeMetricAccumulator()
-        >>> for batch in batches:  # doctest: +SKIP
-        ...     accumulator.update(batch)
-        >>> accumulator.compute()["voxel_AUPRC"]  # doctest: +SKIP
+Layout: one module per level (:mod:`.voxel`, :mod:`.slice`, :mod:`.volume`) and :mod:`.evaluator`, the
+one Evaluator that ``engine.test``, the benchmark sweep and the notebook all use.
 """
 
-from simpleslicenet.metrics.accumulator import VolumeMetricAccumulator
-from simpleslicenet.metrics.anomalib_metrics import (
-    DiceThreshold,
-    PaperMeanDice,
-    PaperVoxelAUROC,
-    SliceAUPRC,
-    SliceAUROC,
-    ValidationDiceThreshold,
-    VolumeAUPRC,
-    VolumeAUROC,
-    VoxelAUPRC,
-    VoxelAUROC,
-    VoxelDiceAtThreshold,
-    VoxelMaxDice,
-    VoxelPerVolumeMean,
+from simpleslicenet.metrics.evaluator import (
     default_volume_evaluator,
     volume_test_metrics,
 )
@@ -59,7 +40,20 @@ from simpleslicenet.metrics.histogram import (
     max_dice_from_counts,
     threshold_for_max_dice,
 )
+from simpleslicenet.metrics.slice import SliceAUPRC, SliceAUROC
+from simpleslicenet.metrics.volume import VolumeAUPRC, VolumeAUROC
 from simpleslicenet.metrics.volumetric import minmax_scale
+from simpleslicenet.metrics.voxel import (
+    DiceThreshold,
+    PaperMeanDice,
+    PaperVoxelAUROC,
+    ValidationDiceThreshold,
+    VoxelAUPRC,
+    VoxelAUROC,
+    VoxelDiceAtThreshold,
+    VoxelMaxDice,
+    VoxelPerVolumeMean,
+)
 
 __all__ = [
     "DEFAULT_NUM_BINS",
@@ -72,7 +66,6 @@ __all__ = [
     "ValidationDiceThreshold",
     "VolumeAUPRC",
     "VolumeAUROC",
-    "VolumeMetricAccumulator",
     "VoxelAUPRC",
     "VoxelAUROC",
     "VoxelDiceAtThreshold",

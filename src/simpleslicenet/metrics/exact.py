@@ -14,6 +14,7 @@ __all__ = [
     "exact_auroc",
     "exact_average_precision",
     "exact_max_dice",
+    "exact_statistic",
     "exact_threshold_for_max_dice",
 ]
 
@@ -120,3 +121,9 @@ def dice_at_threshold(scores: torch.Tensor, labels: torch.Tensor, threshold: flo
     if denominator == 0:
         return 1.0
     return float(2 * true_pos / denominator)
+
+
+def exact_statistic(statistic: str, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``"auroc"`` or ``"auprc"`` of ``scores`` against ``labels`` as a float64 scalar tensor."""
+    function = exact_auroc if statistic == "auroc" else exact_average_precision
+    return torch.tensor(function(scores, labels), dtype=torch.float64)

@@ -68,24 +68,6 @@ def _floor_div_pow2(index: int | torch.Tensor, shift: int) -> int | torch.Tensor
     return index >> shift  # Python's shift on negative ints is a floor division too.
 
 
-def fit_grid(exponent: int, lowest: int, highest: int, num_bins: int) -> tuple[int, int]:
-    """Smallest exponent ``>= exponent`` at which cells ``lowest..highest`` (at ``exponent``) span ``num_bins``.
-
-    Args:
-        exponent: Current cell width exponent.
-        lowest: Lowest occupied global cell index at ``exponent``.
-        highest: Highest occupied global cell index at ``exponent``.
-        num_bins: Window length.
-
-    Returns:
-        ``(new_exponent, shift)`` with ``shift = new_exponent - exponent``.
-    """
-    shift = 0
-    while _floor_div_pow2(highest, shift) - _floor_div_pow2(lowest, shift) >= num_bins:
-        shift += 1
-    return exponent + shift, shift
-
-
 class ScoreHistogram:
     """Counts of positive and negative scores on an adaptive power-of-two grid.
 

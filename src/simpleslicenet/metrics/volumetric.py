@@ -1,7 +1,7 @@
 """Pulling voxel, slice and volume samples out of a :class:`~simpleslicenet.data.VolumeBatch`.
 
-Shared by the anomalib metrics and :class:`~simpleslicenet.metrics.VolumeMetricAccumulator`, so both
-see the same voxels: the brain voxels of every volume, one volume at a time.
+Every voxel metric sees the same voxels through these helpers: the brain voxels of every volume, one
+volume at a time.
 """
 
 from __future__ import annotations

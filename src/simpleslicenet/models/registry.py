@@ -1,9 +1,12 @@
-"""One place naming every model the sweep and the command line can run.
+"""The one table of every model the sweep and the command line can run.
 
-Each entry gives the class (as a dotted path, imported only when asked for, so the registry works
-while a model's dependencies are missing), its configuration file under ``configs/model/`` and a
-line of description. Any other anomalib image model is reachable by name too: ``"Stfpm"`` or
-``"StfpmSlices"`` resolve to its slice-wise wrapper (:func:`~simpleslicenet.models.slicewise.slicewise`).
+Each entry gives the class (as a dotted path, imported only when asked for, so the table is cheap to
+read), its configuration file (shipped inside the package, so it exists in a wheel too) and a line of
+description. Only models that detect lesions from the weights available offline are in the table
+(a test trains each on the phantom); the configuration's ``init_args`` are the model's defaults for :func:`create_model` and
+the sweep; the anomalib CLI reads the same file (``anomalib train --config``). Any other anomalib image
+model is reachable by name too: ``"Stfpm"`` or ``"StfpmSlices"`` resolve to its slice-wise wrapper
+(:func:`~simpleslicenet.models.slicewise.slicewise`).
 
 Example:
     >>> from simpleslicenet.models.registry import create_model, list_models
@@ -19,12 +22,13 @@ from __future__ import annotations
 import importlib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from anomalib.models.components import AnomalibModule
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from anomalib.models.components import AnomalibModule
 
 __all__ = [
     "ModelSpec",
@@ -35,10 +39,11 @@ __all__ = [
     "get_model_class",
     "create_model",
     "config_path",
+    "model_defaults",
+    "anomalib_image_models",
+    "packaged_config",
+    "config_init_args",
 ]
-
-# configs/ sits at the project root, three levels above this package folder.
-PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
 
 class UnknownModelError(KeyError):
@@ -48,31 +53,26 @@ class UnknownModelError(KeyError):
         return str(self.args[0])
 
 
-@dataclass(frozen=True)
-class ModelSpec:
+# The table is read at interpreter start-up (the anomalib hook imports this package), so this module
+# imports nothing costly at its top: paths and resources load inside the functions that need them.
+class ModelSpec(NamedTuple):
     """How to build one registered model.
 
     Args:
         name: Registry name (the class name).
         class_path: Dotted path of the :class:`~anomalib.models.components.AnomalibModule` subclass.
-        config: Its configuration file, relative to the project root.
+        config: Name of its configuration file in the package's ``configs/model/``.
         description: One line for listings and reports.
-        defaults: Arguments :func:`create_model` passes unless the caller overrides them (the same
-            values the configuration file sets).
     """
 
     name: str
     class_path: str
     config: str
     description: str
-    defaults: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
 
 
-def _spec(name: str, module: str, config: str, description: str, **defaults: Any) -> ModelSpec:  # noqa: ANN401
-    return ModelSpec(name, f"{module}.{name}", f"configs/model/{config}", description, defaults)
+def _spec(name: str, module: str, config: str, description: str) -> ModelSpec:
+    return ModelSpec(name, f"{module}.{name}", config, description)
 
 
 _SLICEWISE = "simpleslicenet.models.slicewise"
@@ -109,16 +109,6 @@ MODELS: Mapping[str, ModelSpec] = MappingProxyType({
             _SLICEWISE,
             "fastflow_slices.yaml",
             "FastFlow 2D normalizing flow on slice features (ResNet-18, random init: no offline weights)",
-            backbone_weights="random",
-            image_size=(192, 192),
-        ),
-        _spec(
-            "ReverseDistillationSlices",
-            _SLICEWISE,
-            "reverse_distillation_slices.yaml",
-            "Reverse distillation teacher-student on slices (ResNet, random init: no offline weights)",
-            backbone_weights="random",
-            image_size=(192, 192),
         ),
         _spec(
             "AE3D",
@@ -166,21 +156,26 @@ def _import(class_path: str) -> type:
         raise UnknownModelError(msg) from error
 
 
-def _anomalib_image_model(name: str) -> type | None:
+def anomalib_image_models() -> dict[str, type[AnomalibModule]]:
+    """anomalib's own image model classes by name (the ones :func:`slicewise` can wrap)."""
     import anomalib.models  # noqa: PLC0415
+    from anomalib.models.components import AnomalibModule  # noqa: PLC0415
 
-    base = name.removesuffix("Slices") if name.endswith("Slices") else name
-    wanted = _normalise(base)
+    found = {}
     for attribute in dir(anomalib.models):
         candidate = getattr(anomalib.models, attribute)
         if (
             isinstance(candidate, type)
             and issubclass(candidate, AnomalibModule)
             and candidate.__module__.startswith("anomalib.models.image")
-            and _normalise(attribute) == wanted
         ):
-            return candidate
-    return None
+            found[attribute] = candidate
+    return found
+
+
+def _anomalib_image_model(name: str) -> type | None:
+    wanted = _normalise(name.removesuffix("Slices"))
+    return next((cls for attribute, cls in anomalib_image_models().items() if _normalise(attribute) == wanted), None)
 
 
 def get_model_class(name: str) -> type[AnomalibModule]:
@@ -210,6 +205,8 @@ def get_model_class(name: str) -> type[AnomalibModule]:
         from simpleslicenet.models.slicewise import slicewise  # noqa: PLC0415
 
         cls = slicewise(base)
+    from anomalib.models.components import AnomalibModule  # noqa: PLC0415
+
     if not (isinstance(cls, type) and issubclass(cls, AnomalibModule)):
         msg = f"{name!r} is not an anomalib model class"
         raise UnknownModelError(msg)
@@ -217,19 +214,18 @@ def get_model_class(name: str) -> type[AnomalibModule]:
 
 
 def create_model(name: str, **kwargs: Any) -> AnomalibModule:  # noqa: ANN401
-    """Build a model by name with the registry's defaults, overridden by ``kwargs``.
+    """Build a model by name with its configuration's ``init_args`` as defaults, overridden by ``kwargs``.
 
     Args:
         name: See :func:`get_model_class`.
         **kwargs: Constructor arguments.
     """
-    spec = get_spec(name)
-    arguments = {**(spec.defaults if spec is not None else {}), **kwargs}
-    return get_model_class(name)(**arguments)
+    defaults = model_defaults(name) if get_spec(name) is not None else {}
+    return get_model_class(name)(**{**defaults, **kwargs})
 
 
 def config_path(name: str) -> Path:
-    """Configuration file of a registered model (``configs/model/…`` under the project root).
+    """Configuration file of a registered model (inside the installed package).
 
     Raises:
         UnknownModelError: If ``name`` is not registered.
@@ -238,4 +234,36 @@ def config_path(name: str) -> Path:
     if spec is None:
         msg = f"model {name!r} has no configuration file; registered models are {', '.join(MODELS)}"
         raise UnknownModelError(msg)
-    return PROJECT_ROOT / spec.config
+    return packaged_config(spec.config)
+
+
+def packaged_config(file_name: str) -> Path:
+    """A model configuration shipped with the package, by file name (``"simpleslicenet_phantom.yaml"``).
+
+    Raises:
+        FileNotFoundError: No such file among the packaged configurations.
+    """
+    import importlib.resources  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    path = Path(str(importlib.resources.files("simpleslicenet") / "configs" / "model" / file_name))
+    if not path.is_file():
+        msg = f"no packaged model configuration {file_name!r} (see simpleslicenet/configs/model/)"
+        raise FileNotFoundError(msg)
+    return path
+
+
+def config_init_args(path: str | Path) -> dict[str, Any]:
+    """``model.init_args`` of an anomalib model configuration file (lists become tuples)."""
+    from pathlib import Path  # noqa: PLC0415
+
+    import yaml  # noqa: PLC0415
+
+    config = yaml.safe_load(Path(path).read_text()) or {}
+    init_args = (config.get("model") or {}).get("init_args") or {}
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in init_args.items()}
+
+
+def model_defaults(name: str) -> dict[str, Any]:
+    """The defaults of a registered model: its configuration file's ``init_args``."""
+    return config_init_args(config_path(name))

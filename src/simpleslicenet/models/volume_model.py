@@ -1,79 +1,85 @@
 """What every simpleslicenet model shares on top of :class:`~anomalib.models.components.AnomalibModule`.
 
-* It remembers how its training volumes were prepared (grid, intensity scaling, spacing, contrast)
-  and the Dice threshold chosen on the validation split, and stores them in checkpoints and exported
-  models, so inference on a new scan repeats exactly the same preprocessing and a file that is not
-  one of our models can be recognised and refused.
-* Scores stay in the model's own units (no min-max normalisation, no anomalib thresholds): the
-  normalisation clamps to [0, 1], which turns the highest and lowest scores into ties that distort
-  AUROC/AUPRC, and a threshold learnt on validation maps would not apply to normalised test maps.
-* Its visualizer writes NIfTI anomaly maps in the scan's own space (:class:`VolumeMapWriter`).
-* OpenVINO export is atomic and tagged with that metadata.
+* **One scoring step.** A model's own code ends at its raw voxel map; :meth:`VolumeModelMixin.score_batch`
+  (:func:`~simpleslicenet.models.scoring.score_volumes`) restricts it to the brain and sets slice and
+  volume scores, the same for every model and for the deployed inferencer.
+* **It remembers how it was trained.** The datamodule's :class:`~simpleslicenet.data.volume.VolumePreprocessing`
+  (grid, spacing, scaling, brain mask, modality), the :class:`~simpleslicenet.models.scoring.VolumeScoring`
+  and the Dice threshold chosen on validation go into checkpoints and exported models as they are, so
+  inference repeats exactly the same preprocessing, and a file that is not one of ours is recognised.
+* **Raw scores.** No min-max normalisation and no anomalib thresholds: the normalisation clamps to
+  [0, 1], which turns the highest and lowest scores into ties that distort AUROC/AUPRC, and a threshold
+  learnt on validation maps would not apply to normalised test maps.
+* Its visualizer writes NIfTI maps in the scan's own space, and its OpenVINO export is atomic and
+  tagged with the metadata (:mod:`simpleslicenet.deploy.export`).
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["VolumeModelMixin", "METADATA_KEY", "read_checkpoint_metadata"]
+from simpleslicenet.data.volume import VolumePreprocessing
+from simpleslicenet.models.scoring import VolumeScoring, score_volumes, to_slice_grid
 
+__all__ = ["VolumeModelMixin", "METADATA_KEY"]
+
+# Key of the metadata block in checkpoints and in exported models' runtime info.
 METADATA_KEY = "simpleslicenet"
-
-# Datamodule attributes that define the preprocessing a model was trained with.
-_PREPROCESSING_ATTRS = ("target_shape", "intensity", "resample_mm", "contrast", "modality")
-
-
-def read_checkpoint_metadata(checkpoint: dict) -> dict | None:
-    """The simpleslicenet block of a Lightning checkpoint, or ``None`` if it is not one of ours."""
-    return checkpoint.get(METADATA_KEY)
 
 
 class VolumeModelMixin:
     """Mix into an ``AnomalibModule`` subclass (before it in the bases)."""
 
-    volume_preprocessing: dict[str, Any]
+    preprocessing: VolumePreprocessing | None = None
+    scoring: VolumeScoring = VolumeScoring()
     dice_threshold: float | None = None
 
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        if not cls.__name__.endswith("Mixin"):
-            from simpleslicenet.plugin import expose
-
-            expose(cls, "anomalib.models")
-
-    def _ensure_metadata(self) -> dict[str, Any]:
-        if not hasattr(self, "volume_preprocessing"):
-            self.volume_preprocessing = {}
-        return self.volume_preprocessing
-
     def metadata(self) -> dict[str, Any]:
-        """Class path, preprocessing and validation Dice threshold, as stored in checkpoints and exports."""
+        """Class path, preprocessing, scoring and validation Dice threshold, as stored in checkpoints and exports."""
         cls = type(self)
         return {
             "class_path": f"{cls.__module__}.{cls.__qualname__}",
-            "preprocessing": dict(self._ensure_metadata()),
+            "preprocessing": self.preprocessing.to_dict() if self.preprocessing is not None else None,
+            "scoring": self.scoring.to_dict(),
             "dice_threshold": self.dice_threshold,
-            "scoring": {
-                "volume_score_mode": getattr(self, "volume_score_mode", "max"),
-                "topk_fraction": getattr(self, "topk_fraction", 0.001),
-            },
         }
 
+    def score_batch(self, batch: Any) -> Any:  # noqa: ANN401
+        """Brain-restricted map, slice scores (``pred_score``) and ``volume_score`` of every volume in a batch.
+
+        Batches that are not volumes (plain images, 2-D mode) are returned unchanged.
+        """
+        # Imported here: the deployed inferencer reads METADATA_KEY from this module without anomalib.
+        from torchvision.tv_tensors import Mask
+
+        from simpleslicenet.data.batch import VolumeBatch
+
+        if not isinstance(batch, VolumeBatch) or batch.anomaly_map is None:
+            return batch
+        if batch.gt_mask is not None and batch.brain_mask is not None:
+            # A resizing pre-processor resized the lesion mask with the slices: back to the slice grid,
+            # where the map is scored and written (nearest: exact for integer scale factors).
+            batch.gt_mask = Mask(to_slice_grid(batch.gt_mask.float(), batch.brain_mask.shape[-2:], mode="nearest") > 0.5)
+        scores = score_volumes(
+            batch.anomaly_map,
+            batch.brain_mask,
+            [rows for _, rows in batch.volumes()],
+            self.scoring,
+        )
+        batch.anomaly_map = scores.anomaly_map
+        batch.pred_score = scores.slice_scores
+        batch.volume_score = scores.volume_scores
+        return batch
+
     def on_fit_start(self) -> None:
-        """Record the datamodule's preprocessing settings."""
+        """Record how the datamodule prepares its volumes."""
         super().on_fit_start()
-        datamodule = getattr(self.trainer, "datamodule", None)
-        record = self._ensure_metadata()
-        for attr in _PREPROCESSING_ATTRS:
-            value = getattr(datamodule, attr, None)
-            if value is not None:
-                record[attr] = list(value) if isinstance(value, tuple) else value
+        preprocessing = getattr(getattr(self.trainer, "datamodule", None), "preprocessing", None)
+        if isinstance(preprocessing, VolumePreprocessing):
+            self.preprocessing = preprocessing
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102
         super().on_save_checkpoint(checkpoint)
@@ -81,9 +87,24 @@ class VolumeModelMixin:
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102
         super().on_load_checkpoint(checkpoint)
-        block = read_checkpoint_metadata(checkpoint) or {}
-        self.volume_preprocessing = dict(block.get("preprocessing", {}))
+        block = checkpoint.get(METADATA_KEY) or {}
+        record = block.get("preprocessing")
+        self.preprocessing = VolumePreprocessing.from_dict(record) if record else None
+        if block.get("scoring"):
+            self.scoring = VolumeScoring.from_dict(block["scoring"])
         self.dice_threshold = block.get("dice_threshold")
+        self._restore_validation_threshold()
+
+    def _restore_validation_threshold(self) -> None:
+        """Give the evaluator the stored threshold, so testing a reloaded model needs no validation pass."""
+        from simpleslicenet.metrics.voxel import DiceThreshold
+
+        if self.dice_threshold is None:
+            return
+        for metric in getattr(getattr(self, "evaluator", None), "val_metrics", []):
+            holder = getattr(metric, "threshold", None)
+            if isinstance(holder, DiceThreshold):
+                holder.value = self.dice_threshold
 
     def configure_post_processor(self):  # noqa: ANN201
         """Raw scores out: neither normalisation nor anomalib's F1 thresholds (see the module docstring)."""
@@ -113,17 +134,6 @@ class VolumeModelMixin:
 
         return VolumeMapWriter()
 
-    def export_input_size(self, input_size: tuple[int, int] | None) -> tuple[int, int] | None:
-        """Slice size ``(H, W)`` of the export graph: the training grid's, unless given.
-
-        Only the number of slices stays dynamic; a fixed in-plane size keeps every feature map's size
-        static in the traced graph (tracing with dynamic H, W specialises the upsampling sizes).
-        """
-        target = self._ensure_metadata().get("target_shape")
-        if input_size is None and target:
-            return (int(target[1]), int(target[0]))  # grid is (x, y, z); slices are [H=y, W=x]
-        return input_size
-
     def to_openvino(
         self,
         export_root: Path | str,
@@ -132,36 +142,10 @@ class VolumeModelMixin:
         *args,
         **kwargs,
     ) -> Path:
-        """anomalib's OpenVINO export, written atomically and tagged with :meth:`metadata`.
+        """anomalib's OpenVINO export, atomic and tagged (see :func:`simpleslicenet.deploy.export.export_openvino`)."""
+        from simpleslicenet.deploy.export import export_openvino
 
-        The IR is produced in a temporary folder beside the destination and moved into place only
-        when complete, so a failed export never leaves a half-written model where a good one was.
-        The graph takes one volume's slice stack ``[D, 3, H, W]`` with a dynamic ``D``.
-        """
-        import openvino as ov
+        def anomalib_export(staging: Path, size: tuple[int, int] | None) -> Path:
+            return super(VolumeModelMixin, self).to_openvino(staging, model_file_name, size, *args, **kwargs)
 
-        input_size = self.export_input_size(input_size)
-        final_dir = Path(export_root) / "weights" / "openvino"
-        final_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".export-", dir=final_dir.parent))
-        try:
-            staged_xml = super().to_openvino(staging, model_file_name, input_size, *args, **kwargs)
-            ov_model = ov.Core().read_model(staged_xml)
-            ov_model.set_rt_info(json.dumps(self.metadata()), [METADATA_KEY])
-            tagged = staging / "tagged"
-            tagged.mkdir()
-            ov.save_model(ov_model, tagged / staged_xml.name, compress_to_fp16=False)
-            backup = final_dir.with_name(".openvino-previous")
-            shutil.rmtree(backup, ignore_errors=True)
-            if final_dir.exists():
-                final_dir.rename(backup)
-            try:
-                tagged.rename(final_dir)
-            except BaseException:
-                if backup.exists():
-                    backup.rename(final_dir)
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return final_dir / staged_xml.name
+        return export_openvino(self, export_root, anomalib_export, input_size)

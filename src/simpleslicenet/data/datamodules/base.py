@@ -2,18 +2,110 @@
 
 from __future__ import annotations
 
+import os
 from abc import abstractmethod
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from anomalib.data import AnomalibDataModule
 
 from simpleslicenet.data.dataset import SAMPLE_COLUMNS, VolumeDataset
+from simpleslicenet.data.nifti import (
+    VolumeError,
+    check_same_grid,
+    common_spacing,
+    read_header,
+    read_mask,
+)
+from simpleslicenet.data.volume import VolumePreprocessing
+from simpleslicenet.random_state import capture_random_state, restore_random_state
 
-__all__ = ["VolumeDataModule", "MODALITIES"]
+__all__ = ["VolumeDataModule", "MODALITIES", "DatasetError", "check_samples"]
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
+
+# Masks whose affine differs from their scan's by more than this (in mm) are refused.
+MASK_AFFINE_TOLERANCE = 1e-3
+
+
+class DatasetError(VolumeError):
+    """Every bad file of a dataset at once (``errors``), found when the datamodule is set up."""
+
+    def __init__(self, root: str | Path, errors: list[VolumeError]) -> None:
+        self.errors = list(errors)
+        listing = "\n".join(f"  - {error}" for error in self.errors)
+        count = len(self.errors)
+        super().__init__(root, f"{count} bad file{'s' if count != 1 else ''} in the dataset:\n{listing}")
+
+
+def _optional_path(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _check_masks(row: pd.Series, preprocessing: VolumePreprocessing) -> list[VolumeError]:
+    """Problems of one sample's scan header and masks (shape, affine, readability, emptiness)."""
+    image_path, is_lesion = str(row.image_path), int(row.label_index) == 1
+    try:
+        reference = read_header(image_path).geometry()
+    except VolumeError as error:
+        reference, problems = None, [error]
+    else:
+        problems = []
+    mask_path = _optional_path(row.mask_path)
+    brain_path = _optional_path(row.brain_mask_path) if preprocessing.brain_mask == "auto" else None
+    if is_lesion and mask_path is None:
+        problems.append(VolumeError(image_path, "lesion scan has no lesion mask"))
+    for path, what, must_hold_voxels in ((mask_path, "lesion mask", is_lesion), (brain_path, "brain mask", True)):
+        if path is None:
+            continue
+        try:
+            header = read_header(path)
+            if reference is None:
+                continue
+            check_same_grid(
+                header.path, header.canonical_shape, header.canonical_affine, reference, MASK_AFFINE_TOLERANCE
+            )
+            # An empty mask would silently turn a lesion scan healthy, or a brain into background.
+            if must_hold_voxels and not read_mask(path, reference, atol=MASK_AFFINE_TOLERANCE).any():
+                problems.append(VolumeError(path, f"{what} is empty (no voxel above 0) for {image_path}"))
+        except VolumeError as error:
+            problems.append(error)
+    return problems
+
+
+def check_samples(samples: pd.DataFrame, preprocessing: VolumePreprocessing) -> list[VolumeError]:
+    """Every problem of a samples table that can be found without reading the scans' voxels.
+
+    Checked: duplicate volume ids and files listed twice; each scan's header (a regular NIfTI file,
+    3-D, real data type, finite non-singular affine, within the voxel limit); each mask's header
+    against its scan's (shape, affine within :data:`MASK_AFFINE_TOLERANCE` mm); lesion scans have a
+    non-empty lesion mask, and brain-mask files (used with ``brain_mask="auto"``) are not empty.
+
+    Args:
+        samples: Table with :data:`~simpleslicenet.data.dataset.SAMPLE_COLUMNS`.
+        preprocessing: The datamodule's preprocessing (decides whether brain-mask files are used).
+
+    Returns:
+        One :class:`VolumeError` per problem, each naming its file; empty if all is well.
+    """
+    problems: list[VolumeError] = []
+    for volume_id, group in samples.groupby("volume_id", sort=True):
+        if len(group) > 1:
+            paths = ", ".join(str(p) for p in group["image_path"])
+            problem = f"volume id {volume_id!r} is used by {len(group)} scans: {paths}"
+            problems.append(VolumeError(group["image_path"].iloc[0], problem))
+    real_paths = samples["image_path"].map(lambda p: os.path.realpath(str(p)))
+    for _, group in samples.groupby(real_paths, sort=True):
+        if len(group) > 1:
+            ids = ", ".join(str(v) for v in group["volume_id"])
+            problem = f"the same file is listed {len(group)} times ({ids})"
+            problems.append(VolumeError(group["image_path"].iloc[0], problem))
+    for _, row in samples.iterrows():
+        problems.extend(_check_masks(row, preprocessing))
+    return problems
 
 
 class VolumeDataModule(AnomalibDataModule):
@@ -31,8 +123,13 @@ class VolumeDataModule(AnomalibDataModule):
     Args:
         root: Dataset folder.
         target_shape: Model grid ``(x, y, z)``; ``(192, 192, 96)`` as in the paper, ``(96, 96, 48)`` for quick runs.
+        spacing_mm: Isotropic voxel size scans are brought to (resampled only when a file differs);
+            ``None``: the training scans' own voxel size, found at setup and recorded with the model.
         intensity: ``"percentile"`` or ``"minmax"`` intensity scaling.
-        resample_mm: Resample scans to this isotropic spacing first.
+        brain_mask: ``"auto"`` (brain-mask files where present) or ``"intensity"``.
+        modality: Contrast of the scans, recorded with the model (``None``: unknown).
+        crop: ``"brain"`` (grid centred on the brain) or ``"fixed"`` (the authors' MNI slab from ``first_slice``).
+        first_slice: First axial slice of the ``"fixed"`` crop.
         val_fraction: Share of test volumes moved to validation when the data has no validation split.
         train_batch_size: Volumes per training batch (a batch holds all their slices).
         eval_batch_size: Volumes per evaluation batch.
@@ -41,18 +138,16 @@ class VolumeDataModule(AnomalibDataModule):
         seed: Seed of the split.
     """
 
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        from simpleslicenet.plugin import expose
-
-        expose(cls, "anomalib.data")  # visible to anomalib by its short name as soon as it exists
-
     def __init__(
         self,
         root: str | Path,
         target_shape: tuple[int, int, int] = (192, 192, 96),
+        spacing_mm: float | None = None,
         intensity: str = "percentile",
-        resample_mm: float | None = None,
+        brain_mask: str = "auto",
+        modality: str | None = None,
+        crop: str = "brain",
+        first_slice: int = 24,
         val_fraction: float = 0.3,
         train_batch_size: int = 1,
         eval_batch_size: int = 1,
@@ -69,9 +164,16 @@ class VolumeDataModule(AnomalibDataModule):
             seed=seed,
         )
         self.root = Path(root)
-        self.target_shape = tuple(int(t) for t in target_shape)
-        self.intensity = intensity
-        self.resample_mm = resample_mm
+        # The one record of how scans become model inputs; models store it with their weights.
+        self.preprocessing = VolumePreprocessing(
+            target_shape=target_shape,
+            spacing_mm=spacing_mm,
+            intensity=intensity,
+            brain_mask=brain_mask,
+            modality=modality,
+            crop=crop,
+            first_slice=first_slice,
+        )
         self.val_fraction = val_fraction
         self.cache = cache
 
@@ -116,13 +218,7 @@ class VolumeDataModule(AnomalibDataModule):
         return samples
 
     def _dataset(self, samples: pd.DataFrame) -> VolumeDataset:
-        return VolumeDataset(
-            samples,
-            target_shape=self.target_shape,
-            intensity=self.intensity,
-            resample_mm=self.resample_mm,
-            cache=self.cache,
-        )
+        return VolumeDataset(samples, preprocessing=self.preprocessing, cache=self.cache)
 
     def _create_test_split(self) -> None:
         """Splits are final after :meth:`split_samples`.
@@ -134,8 +230,26 @@ class VolumeDataModule(AnomalibDataModule):
     def _create_val_split(self) -> None:
         """Validation is carved out by :meth:`split_samples`, by whole volume."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the random generators, so a resumed training repeats the same draws."""
+        return {"random_state": capture_random_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` when training resumes from a checkpoint (``--ckpt_path``)."""
+        if "random_state" in state_dict:
+            restore_random_state(state_dict["random_state"])
+
     def _setup(self, _stage: str | None = None) -> None:
         samples = self.split_samples()
+        # Every bad file at once, before any training: headers, mask grids, empty masks, duplicates.
+        problems = check_samples(samples, self.preprocessing)
+        if problems:
+            raise DatasetError(self.root, problems)
+        if self.preprocessing.spacing_mm is None:
+            # A model must know the voxel size it learnt at, so new scans can be brought to it.
+            train = samples[samples["split"] == "train"]
+            paths = list((train if len(train) else samples)["image_path"])
+            self.preprocessing = replace(self.preprocessing, spacing_mm=common_spacing(paths))
         self.volume_table = samples
         self.train_data = self._dataset(samples[samples["split"] == "train"])
         self.val_data = self._dataset(samples[samples["split"] == "val"])

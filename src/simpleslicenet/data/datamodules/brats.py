@@ -21,9 +21,10 @@ import numpy as np
 import pandas as pd
 
 from simpleslicenet.data.datamodules.base import MODALITIES, VolumeDataModule
-from simpleslicenet.data.datamodules.folder import companion_file, find_scans, scans_to_samples
+from simpleslicenet.data.datamodules.folder import scans_to_samples
+from simpleslicenet.data.scans import companion_file, list_scans
 from simpleslicenet.data.dataset import SAMPLE_COLUMNS
-from simpleslicenet.data.volume import VolumeError
+from simpleslicenet.data.nifti import VolumeError
 
 __all__ = ["BraTS2021", "BRATS_MODALITIES", "check_modality", "list_brats", "list_healthy", "hold_out_healthy"]
 
@@ -95,7 +96,7 @@ def list_healthy(root: str | Path) -> pd.DataFrame:
         VolumeError: The folder is missing or holds no scans.
     """
     root = Path(root)
-    scans = find_scans(root, recursive=True)
+    scans = list_scans(root, recursive=True)
     if not scans:
         raise VolumeError(root, "no healthy scans (*.nii.gz) found")
     samples = scans_to_samples(scans, "train", 0, "healthy/")
@@ -145,15 +146,8 @@ class BraTS2021(VolumeDataModule):
             the same way). Without it the datamodule can validate and test a trained model, not train one.
         healthy_test_fraction: Share of the healthy subjects held out as normal test volumes
             (0 = the paper's protocol, tumour volumes only).
-        target_shape: Model grid ``(x, y, z)``.
-        intensity: ``"percentile"`` or ``"minmax"`` (paper) intensity scaling.
-        resample_mm: Resample scans to this isotropic spacing first.
-        val_fraction: Share of test volumes moved to validation.
-        train_batch_size: Volumes per training batch.
-        eval_batch_size: Volumes per evaluation batch.
-        num_workers: Data loader workers.
-        cache: Keep preprocessed volumes in memory.
-        seed: Seed of the splits.
+        **kwargs: The shared :class:`~simpleslicenet.data.datamodules.base.VolumeDataModule` arguments
+            (``target_shape``, ``spacing_mm``, ``intensity``, ``brain_mask``, ``val_fraction``, loaders, ``seed``).
 
     Raises:
         ValueError: Unknown modality (raised at construction).
@@ -165,27 +159,12 @@ class BraTS2021(VolumeDataModule):
         modality: str = "t2",
         healthy_root: str | Path | None = None,
         healthy_test_fraction: float = 0.0,
-        target_shape: tuple[int, int, int] = (192, 192, 96),
-        intensity: str = "percentile",
-        resample_mm: float | None = None,
-        val_fraction: float = 0.3,
-        train_batch_size: int = 1,
-        eval_batch_size: int = 1,
-        num_workers: int = 0,
-        cache: bool = True,
-        seed: int = 0,
+        **kwargs,
     ) -> None:
         super().__init__(
             root=root,
-            target_shape=target_shape,
-            intensity=intensity,
-            resample_mm=resample_mm,
-            val_fraction=val_fraction,
-            train_batch_size=train_batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            cache=cache,
-            seed=seed,
+            modality=modality,
+            **kwargs,
         )
         self.modality = check_modality(modality, BRATS_MODALITIES, "BraTS")
         self.healthy_root = Path(healthy_root) if healthy_root is not None else None

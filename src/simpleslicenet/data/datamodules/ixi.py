@@ -3,7 +3,7 @@
 IXI files are named ``IXI<id>-<site>-<n>-<T1|T2|PD>.nii.gz`` (e.g. ``IXI002-Guys-0828-T2.nii.gz``).
 The raw scans still hold the skull and sit in scanner space; the paper's data is skull-stripped and
 affinely registered to MNI152 at 1 mm. Preprocess the scans first (keeping their names), e.g. with
-:func:`simpleslicenet.data.preprocess.preprocess_folder` or a dedicated tool (FSL, ANTs, HD-BET).
+``simpleslicenet preprocess`` (:func:`simpleslicenet.data.preprocess.preprocess_folder`) or a dedicated tool (FSL, ANTs, HD-BET).
 
 Example:
     >>> from simpleslicenet.data.datamodules import IXIBraTS
@@ -21,8 +21,9 @@ import pandas as pd
 
 from simpleslicenet.data.datamodules.base import VolumeDataModule
 from simpleslicenet.data.datamodules.brats import check_modality, hold_out_healthy, list_brats
-from simpleslicenet.data.datamodules.folder import find_scans, scans_to_samples
-from simpleslicenet.data.volume import VolumeError
+from simpleslicenet.data.datamodules.folder import scans_to_samples
+from simpleslicenet.data.scans import list_scans
+from simpleslicenet.data.nifti import VolumeError
 
 __all__ = ["IXI", "IXIBraTS", "IXI_MODALITIES", "IXI_NAME", "list_ixi"]
 
@@ -45,7 +46,7 @@ def list_ixi(root: str | Path, modality: str = "t2") -> tuple[pd.DataFrame, list
     modality = check_modality(modality, IXI_MODALITIES, "IXI")
     root = Path(root)
     scans = []
-    for scan in find_scans(root, recursive=True):
+    for scan in list_scans(root, recursive=True):
         match = IXI_NAME.match(scan.name)
         if match and match["modality"].lower() == modality:
             scans.append((scan, f"IXI{match['subject']}"))
@@ -69,15 +70,8 @@ class IXI(VolumeDataModule):
         root: Folder of (preprocessed) IXI scans named ``IXI<id>-<site>-<n>-<T1|T2|PD>.nii.gz``.
         modality: ``t1``, ``t2`` (paper) or ``pd``.
         test_fraction: Share of subjects held out as healthy test volumes.
-        target_shape: Model grid ``(x, y, z)``.
-        intensity: ``"percentile"`` or ``"minmax"`` intensity scaling.
-        resample_mm: Resample scans to this isotropic spacing first.
-        val_fraction: Share of test volumes moved to validation.
-        train_batch_size: Volumes per training batch.
-        eval_batch_size: Volumes per evaluation batch.
-        num_workers: Data loader workers.
-        cache: Keep preprocessed volumes in memory.
-        seed: Seed of the splits.
+        **kwargs: The shared :class:`~simpleslicenet.data.datamodules.base.VolumeDataModule` arguments
+            (``target_shape``, ``spacing_mm``, ``intensity``, ``brain_mask``, ``val_fraction``, loaders, ``seed``).
 
     Raises:
         ValueError: Unknown modality (raised at construction).
@@ -88,27 +82,12 @@ class IXI(VolumeDataModule):
         root: str | Path = "./datasets/IXI",
         modality: str = "t2",
         test_fraction: float = 0.2,
-        target_shape: tuple[int, int, int] = (192, 192, 96),
-        intensity: str = "percentile",
-        resample_mm: float | None = None,
-        val_fraction: float = 0.3,
-        train_batch_size: int = 1,
-        eval_batch_size: int = 1,
-        num_workers: int = 0,
-        cache: bool = True,
-        seed: int = 0,
+        **kwargs,
     ) -> None:
         super().__init__(
             root=root,
-            target_shape=target_shape,
-            intensity=intensity,
-            resample_mm=resample_mm,
-            val_fraction=val_fraction,
-            train_batch_size=train_batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            cache=cache,
-            seed=seed,
+            modality=modality,
+            **kwargs,
         )
         self.modality = check_modality(modality, IXI_MODALITIES, "IXI")
         self.test_fraction = test_fraction
@@ -130,15 +109,8 @@ class IXIBraTS(VolumeDataModule):
         brats_root: BraTS 2021 folder (``BraTS2021_XXXXX/BraTS2021_XXXXX_<modality>.nii.gz`` and ``_seg``).
         modality: ``t1`` or ``t2`` (paper); the modalities both datasets have.
         healthy_test_fraction: Share of IXI subjects held out as normal test volumes (0 = paper).
-        target_shape: Model grid ``(x, y, z)``.
-        intensity: ``"percentile"`` or ``"minmax"`` (paper) intensity scaling.
-        resample_mm: Resample scans to this isotropic spacing first.
-        val_fraction: Share of test volumes moved to validation.
-        train_batch_size: Volumes per training batch.
-        eval_batch_size: Volumes per evaluation batch.
-        num_workers: Data loader workers.
-        cache: Keep preprocessed volumes in memory.
-        seed: Seed of the splits.
+        **kwargs: The shared :class:`~simpleslicenet.data.datamodules.base.VolumeDataModule` arguments
+            (``target_shape``, ``spacing_mm``, ``intensity``, ``brain_mask``, ``val_fraction``, loaders, ``seed``).
 
     Raises:
         ValueError: Unknown modality (raised at construction).
@@ -152,27 +124,12 @@ class IXIBraTS(VolumeDataModule):
         brats_root: str | Path = "./datasets/BraTS2021",
         modality: str = "t2",
         healthy_test_fraction: float = 0.0,
-        target_shape: tuple[int, int, int] = (192, 192, 96),
-        intensity: str = "percentile",
-        resample_mm: float | None = None,
-        val_fraction: float = 0.3,
-        train_batch_size: int = 1,
-        eval_batch_size: int = 1,
-        num_workers: int = 0,
-        cache: bool = True,
-        seed: int = 0,
+        **kwargs,
     ) -> None:
         super().__init__(
             root=brats_root,
-            target_shape=target_shape,
-            intensity=intensity,
-            resample_mm=resample_mm,
-            val_fraction=val_fraction,
-            train_batch_size=train_batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            cache=cache,
-            seed=seed,
+            modality=modality,
+            **kwargs,
         )
         self.modality = check_modality(modality, self.MODALITIES, "IXI+BraTS")
         self.ixi_root = Path(ixi_root)

@@ -40,24 +40,19 @@ class BrainPhantom(VolumeDataModule):
     """Synthetic brain MRI with tumour-like lesions and exact masks, generated locally.
 
     Args:
-        root: Folder of the phantom. Default: ``<cache>/phantom/<contrast>_<spacing>mm_seed<seed>_<n>h<m>l``
+        root: Folder of the phantom. Default: ``<cache>/phantom/<modality>_<spacing>mm_seed<seed>_<n>h<m>l``
             under :func:`default_cache_dir`, so differently configured phantoms never overwrite each other.
         n_healthy: Healthy subjects; two thirds (at least one) train, the rest are normal test volumes.
         n_lesion: Lesion subjects (all test or validation volumes).
-        contrast: ``"t1"``, ``"t1ce"``, ``"t2"`` or ``"flair"``.
+        modality: Contrast of the generated scans: ``"t1"``, ``"t1ce"``, ``"t2"`` or ``"flair"``.
         seed: Seed of the phantom and of the splits.
-        spacing_mm: Voxel size of the generated volumes (2 mm: 99×117×95 voxels).
+        spacing_mm: Voxel size the volumes are generated at (2 mm: 99×117×95 voxels); recorded with the
+            model like any datamodule's spacing, so a trained model resamples new scans to it.
         target_shape: Model grid ``(x, y, z)``; the default suits 2 mm volumes and quick runs.
         train_fraction: Share of healthy subjects used for training.
-        intensity: ``"percentile"`` or ``"minmax"`` intensity scaling.
-        resample_mm: Resample scans to this spacing when loading (normally ``None``: generate at the
-            wanted spacing instead).
-        val_fraction: Share of test volumes moved to validation.
-        train_batch_size: Volumes per training batch.
-        eval_batch_size: Volumes per evaluation batch.
-        num_workers: Data loader workers.
-        cache: Keep preprocessed volumes in memory.
         progress: Show a progress bar while generating.
+        **kwargs: The other :class:`~simpleslicenet.data.datamodules.base.VolumeDataModule` arguments
+            (``intensity``, ``brain_mask``: the generated masks by default, ``val_fraction``, loaders).
     """
 
     def __init__(
@@ -65,21 +60,15 @@ class BrainPhantom(VolumeDataModule):
         root: str | Path | None = None,
         n_healthy: int = 24,
         n_lesion: int = 16,
-        contrast: str = "t2",
+        modality: str = "t2",
         seed: int = 0,
         spacing_mm: float = 2.0,
         target_shape: tuple[int, int, int] = (96, 96, 48),
         train_fraction: float = 2 / 3,
-        intensity: str = "percentile",
-        resample_mm: float | None = None,
-        val_fraction: float = 0.3,
-        train_batch_size: int = 1,
-        eval_batch_size: int = 1,
-        num_workers: int = 0,
-        cache: bool = True,
         progress: bool = True,
+        **kwargs,
     ) -> None:
-        contrast = check_contrast(contrast)
+        modality = check_contrast(modality)
         if n_healthy < 2:
             msg = f"BrainPhantom needs at least 2 healthy subjects (training and normal test), got {n_healthy}"
             raise ValueError(msg)
@@ -90,27 +79,21 @@ class BrainPhantom(VolumeDataModule):
             msg = f"train_fraction must lie strictly between 0 and 1, got {train_fraction}"
             raise ValueError(msg)
         if root is None:
-            tag = f"{contrast}_{spacing_mm:g}mm_seed{seed}_{n_healthy}h{n_lesion}l"
+            tag = f"{modality}_{spacing_mm:g}mm_seed{seed}_{n_healthy}h{n_lesion}l"
             root = default_cache_dir() / "phantom" / tag
         super().__init__(
             root=root,
             target_shape=target_shape,
-            intensity=intensity,
-            resample_mm=resample_mm,
-            val_fraction=val_fraction,
-            train_batch_size=train_batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            cache=cache,
+            spacing_mm=spacing_mm,
+            modality=modality,
             seed=seed,
+            **kwargs,
         )
         self.n_healthy = int(n_healthy)
         self.n_lesion = int(n_lesion)
-        self.contrast = contrast
-        self.spacing_mm = float(spacing_mm)
         self.train_fraction = float(train_fraction)
         self.progress = progress
-        self.category = f"phantom_{contrast}"
+        self.category = f"phantom_{modality}"
 
     def prepare_data(self) -> None:
         """Generate the phantom unless ``root`` already holds this exact one."""
@@ -118,9 +101,9 @@ class BrainPhantom(VolumeDataModule):
             self.root,
             n_healthy=self.n_healthy,
             n_lesion=self.n_lesion,
-            contrast=self.contrast,
+            contrast=self.preprocessing.modality,
             seed=self.seed,
-            spacing_mm=self.spacing_mm,
+            spacing_mm=self.preprocessing.spacing_mm,
             progress=self.progress,
         )
 
@@ -138,7 +121,7 @@ class BrainPhantom(VolumeDataModule):
         train = {int(i) for i in rng.choice(healthy, size=n_train, replace=False)}
         rows = []
         for entry in manifest["subjects"]:
-            files = subject_files(self.root, entry["index"], self.contrast)
+            files = subject_files(self.root, entry["index"], self.preprocessing.modality)
             is_lesion = entry["label"] == "lesion"
             rows.append(
                 {

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,7 +27,8 @@ import numpy as np
 from simpleslicenet.data.phantom.contrasts import check_contrast
 from simpleslicenet.data.phantom.generator import PhantomOptions, PhantomSubject, generate_subject
 from simpleslicenet.data.phantom.templates import TEMPLATE_NAME, load_tissue_template
-from simpleslicenet.data.volume import save_nifti_atomic
+from simpleslicenet.atomic import atomic_write_text
+from simpleslicenet.data.nifti import save_nifti_atomic
 
 __all__ = [
     "MANIFEST_NAME",
@@ -67,20 +67,8 @@ def _package_version() -> str:
     return __version__
 
 
-def _temporary_twin(path: Path, suffix: str) -> Path:
-    # A fresh hidden name in the destination folder (so os.replace is atomic); created by the writer
-    # itself, so it gets the usual permissions rather than mkstemp's owner-only ones.
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex}{suffix}")
-
-
 def _write_json_atomic(data: dict, path: Path) -> None:
-    tmp = _temporary_twin(path, ".tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _nifti(array: np.ndarray, affine: np.ndarray, dtype: type) -> nib.Nifti1Image:

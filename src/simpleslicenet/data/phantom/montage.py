@@ -11,12 +11,12 @@ import argparse
 import os
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from simpleslicenet.atomic import atomic_path
 from simpleslicenet.data.phantom.dataset import read_manifest, subject_files
 
 __all__ = ["save_montage"]
@@ -84,14 +84,9 @@ def save_montage(
             ax.axis("off")
     fig.suptitle(f"Brain phantom, {contrast.upper()}, {manifest['parameters']['spacing_mm']:g} mm (red: lesion mask)", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.png")
     try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi)
     finally:
         plt.close(fig)
     return path

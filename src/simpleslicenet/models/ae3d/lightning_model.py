@@ -15,15 +15,14 @@ from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
-from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from simpleslicenet.data.batch import VolumeBatch
+from simpleslicenet.models.scoring import VolumeScoring
 from simpleslicenet.models.volume_model import VolumeModelMixin
-from simpleslicenet.models.volume_ops import volume_score
 
 from .torch_model import AutoEncoder3dModel, masked_reconstruction_loss
 
@@ -81,14 +80,10 @@ class AE3D(VolumeModelMixin, AnomalibModule):
         if loss not in LOSSES:
             msg = f"AE3D: loss must be one of {LOSSES}, got {loss!r}"
             raise ValueError(msg)
-        if volume_score_mode not in {"max", "topk_mean"}:
-            msg = f"AE3D: volume_score_mode must be 'max' or 'topk_mean', got {volume_score_mode!r}"
-            raise ValueError(msg)
         self.model = AutoEncoder3dModel(widths=widths, latent_channels=latent_channels, norm=norm, sigma=sigma)
         self.loss_name = loss
         self.lr = lr
-        self.volume_score_mode = volume_score_mode
-        self.topk_fraction = topk_fraction
+        self.scoring = VolumeScoring(volume_score_mode, topk_fraction)
 
     @classmethod
     def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
@@ -136,20 +131,13 @@ class AE3D(VolumeModelMixin, AnomalibModule):
         return {"loss": loss}
 
     def _predict(self, batch: Batch) -> Batch:
-        """Anomaly map ``[N, H, W]``, slice scores and volume scores of every volume in ``batch``."""
-        brain_mask = getattr(batch, "brain_mask", None)
-        maps, slice_scores, volume_scores = [], [], []
-        for rows in self._volumes(batch):
-            mask = brain_mask[rows] if brain_mask is not None else None
-            prediction = self.model(batch.image[rows], mask)
-            maps.append(prediction.anomaly_map)
-            slice_scores.append(prediction.pred_score)
-            score = volume_score(prediction.anomaly_map, mask, self.volume_score_mode, self.topk_fraction)
-            volume_scores.append(score.expand(rows.stop - rows.start))
-        batch = batch.update(pred_score=torch.cat(slice_scores), anomaly_map=torch.cat(maps))
-        if isinstance(batch, VolumeBatch):
-            batch.volume_score = torch.cat(volume_scores)
-        return batch
+        """Raw residual maps of every volume in ``batch``, then the shared scoring step."""
+        predictions = [self.model(batch.image[rows]) for rows in self._volumes(batch)]
+        batch = batch.update(
+            anomaly_map=torch.cat([p.anomaly_map for p in predictions]),
+            pred_score=torch.cat([p.pred_score for p in predictions]),
+        )
+        return self.score_batch(batch)
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Maps and scores of the validation volumes (anomalib learns thresholds from them)."""

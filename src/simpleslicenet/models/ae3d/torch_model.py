@@ -15,7 +15,8 @@ from anomalib.data import InferenceBatch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from simpleslicenet.models.volume_ops import gaussian_blur_3d, slice_scores
+from simpleslicenet.models.scoring import slice_scores
+from simpleslicenet.models.smoothing import gaussian_blur_3d
 
 __all__ = ["AutoEncoder3dModel", "residual_map", "masked_reconstruction_loss"]
 
@@ -69,17 +70,9 @@ def masked_reconstruction_loss(
     return (error * weight).sum() / weight.sum().clamp_min(1.0)
 
 
-def residual_map(
-    volume: torch.Tensor,
-    reconstruction: torch.Tensor,
-    sigma: float,
-    brain_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Anomaly map ``[N, 1, D, H, W]``: ``|x - x̂|`` smoothed by a 3D Gaussian, zero outside the brain."""
-    anomaly_map = gaussian_blur_3d((volume - reconstruction).abs(), sigma)
-    if brain_mask is not None:
-        anomaly_map = anomaly_map * brain_mask.to(anomaly_map.dtype)
-    return anomaly_map
+def residual_map(volume: torch.Tensor, reconstruction: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Raw anomaly map ``[N, 1, D, H, W]``: ``|x - x̂|`` smoothed by a 3D Gaussian."""
+    return gaussian_blur_3d((volume - reconstruction).abs(), sigma)
 
 
 class AutoEncoder3dModel(nn.Module):
@@ -146,16 +139,11 @@ class AutoEncoder3dModel(nn.Module):
         """One volume's slice stack ``[D, C, H, W]`` → ``[1, 1, D, H, W]`` (channel 0: the grey image)."""
         return slices[:, 0][None, None]
 
-    def forward(
-        self,
-        slices: torch.Tensor,
-        brain_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor | InferenceBatch:
+    def forward(self, slices: torch.Tensor) -> torch.Tensor | InferenceBatch:
         """Reconstruct one volume given as its slice stack.
 
         Args:
             slices: ``[D, C, H, W]`` slices of one volume in ``[0, 1]``.
-            brain_mask: Optional ``[D, H, W]`` brain mask; the map is zero outside it.
 
         Returns:
             In training mode the reconstruction ``[1, 1, D, H, W]``; otherwise an
@@ -166,6 +154,5 @@ class AutoEncoder3dModel(nn.Module):
         reconstruction = self.reconstruct(volume)
         if self.training:
             return reconstruction
-        mask = brain_mask[None, None] if brain_mask is not None else None
-        anomaly_map = residual_map(volume, reconstruction, self.sigma, mask)[0, 0]
+        anomaly_map = residual_map(volume, reconstruction, self.sigma)[0, 0]
         return InferenceBatch(pred_score=slice_scores(anomaly_map), anomaly_map=anomaly_map)

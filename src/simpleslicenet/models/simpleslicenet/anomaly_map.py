@@ -1,12 +1,20 @@
-"""From per-location log-likelihoods to a smoothed voxel anomaly map, on the tensor's own device."""
+"""From per-location log-likelihoods to a smoothed voxel anomaly map, on the tensor's own device.
+
+Upsampling (trilinear / bilinear, ``align_corners=False``) and Gaussian smoothing are both separable
+linear maps, so they run as one small matrix per axis applied to the cell grid
+(:func:`~simpleslicenet.models.smoothing.resize_and_blur`): no full-resolution intermediate, no
+data-dependent shape, no host round trip. The map is always computed in float32, also inside an
+outer bf16 autocast region (see :mod:`.precision`).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
 
-from simpleslicenet.models.volume_ops import gaussian_blur_3d
+from simpleslicenet.models.smoothing import resize_and_blur
+
+from .precision import full_precision
 
 __all__ = ["AnomalyMapGenerator", "likelihood_to_score"]
 
@@ -42,19 +50,18 @@ class AnomalyMapGenerator(nn.Module):
         The score is normalised by the volume's own most likely cell, upsampled trilinearly and
         smoothed in 3-D.
         """
-        score = likelihood_to_score(log_likelihood)
-        score = F.interpolate(score[None, None], size=size, mode="trilinear", align_corners=False)
-        return gaussian_blur_3d(score, self.sigma)[0, 0]
+        with full_precision(log_likelihood.device.type):
+            score = likelihood_to_score(log_likelihood.float())
+            return resize_and_blur(score, size, self.sigma)
 
     def image_maps(self, log_likelihood: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Pixel maps ``[N, H, W]`` of independent images from their grids ``[N, h, w]``.
 
         Each image is normalised by its own most likely location and smoothed in 2-D.
         """
-        score = likelihood_to_score(log_likelihood, dims=(1, 2))
-        score = F.interpolate(score[:, None], size=size, mode="bilinear", align_corners=False)
-        # A depth of one slice turns the separable 3-D blur into a 2-D one (the depth pass sees a constant).
-        return gaussian_blur_3d(score[:, :, None], self.sigma)[:, 0, 0]
+        with full_precision(log_likelihood.device.type):
+            score = likelihood_to_score(log_likelihood.float(), dims=(1, 2))
+            return resize_and_blur(score, size, self.sigma)
 
     def forward(self, log_likelihood: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
         """Alias of :meth:`volume_map`."""

@@ -16,10 +16,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from simpleslicenet.models.smoothing import apply_separable
+
+from .precision import check_precision, encoder_autocast
+
 __all__ = [
     "SliceFeatureExtractor",
     "aggregate_depth",
     "channel_pool",
+    "depth_average_matrix",
     "depth_cell_centres",
     "pool_neighbourhood",
     "positional_encoding_1d",
@@ -86,6 +91,13 @@ class SliceFeatureExtractor(nn.Module):
         embed_dim: Channels of each layer after pooling and of the fused embedding; ``None`` keeps
             every layer's own channels and concatenates them (``sum C_l``).
         neighbourhood: Size of the local averaging window.
+        precision: ``"fp32"``, or ``"bf16"`` to run the backbone and pooling under bf16 autocast (the
+            embedding is returned in float32 either way; see :mod:`.precision`).
+        channels_last: Keep the backbone's weights and its input in channels-last memory layout (the
+            layout GPU tensor cores and oneDNN convolutions prefer).
+
+    Raises:
+        ValueError: An unknown precision.
     """
 
     def __init__(
@@ -94,8 +106,15 @@ class SliceFeatureExtractor(nn.Module):
         layer_channels: Sequence[int],
         embed_dim: int | None = None,
         neighbourhood: int = 3,
+        precision: str = "fp32",
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
+        self.precision = check_precision(precision)
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            # Module.to keeps each tensor's layout, so later moves between devices keep this one.
+            backbone = backbone.to(memory_format=torch.channels_last)
         self.backbone = backbone
         self.layer_channels = [int(c) for c in layer_channels]
         self.embed_dim = embed_dim
@@ -134,16 +153,43 @@ class SliceFeatureExtractor(nn.Module):
         return channel_pool(fused, self.out_dim, getattr(self, "_fuse_matrix", None))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Embedding ``[N, out_dim, h, w]`` of ImageNet-normalised images ``[N, 3, H, W]``."""
-        with torch.no_grad():
-            maps = self.backbone(images)
-        return self.embed(maps)
+        """Float32 embedding ``[N, out_dim, h, w]`` of ImageNet-normalised images ``[N, 3, H, W]``."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with encoder_autocast(images.device.type, self.precision):
+            with torch.no_grad():
+                maps = self.backbone(images)
+            embedding = self.embed(maps)
+        return embedding.float()
 
 
 def depth_cell_centres(depth: int, window: int, stride: int, device: torch.device | None = None) -> torch.Tensor:
     """Slice index at the centre of each depth cell of :func:`aggregate_depth` (``ceil(depth/stride)`` cells)."""
     cells = (depth + stride - 1) // stride
     return torch.arange(cells, device=device) * stride + (stride - 1) // 2
+
+
+def depth_average_matrix(
+    depth: int,
+    window: int = 3,
+    stride: int = 3,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``[ceil(depth / stride), depth]`` matrix of :func:`aggregate_depth`: row ``i`` averages cell ``i``'s slices.
+
+    Args:
+        depth: Slices of the volume.
+        window: Slices per cell.
+        stride: Slices between cell centres.
+        device: Where to build it.
+        dtype: Its data type.
+    """
+    centres = depth_cell_centres(depth, window, stride, device=device)
+    slices = torch.arange(depth, device=device)
+    offsets = slices[None, :] - centres[:, None]
+    members = ((offsets >= -((window - 1) // 2)) & (offsets <= window // 2)).to(dtype)  # [cells, depth]
+    return members / members.sum(dim=1, keepdim=True).clamp(min=1.0)
 
 
 def aggregate_depth(features: torch.Tensor, window: int = 3, stride: int = 3) -> torch.Tensor:
@@ -154,6 +200,9 @@ def aggregate_depth(features: torch.Tensor, window: int = 3, stride: int = 3) ->
     ``window = stride = 3`` this is the paper's disjoint triplets (96 slices → 32 cells); with
     ``stride = 1`` it keeps full depth resolution (``D`` cells, each the mean of its neighbours).
 
+    One matrix product with :func:`depth_average_matrix` along the slice axis: no transpose of the
+    feature volume and no 3-D pooling (which OpenVINO runs with a slow generic kernel).
+
     Args:
         features: ``[D, C, h, w]`` slice features of one volume, in depth order.
         window: Slices per cell (``>= stride`` so no slice is skipped).
@@ -161,24 +210,17 @@ def aggregate_depth(features: torch.Tensor, window: int = 3, stride: int = 3) ->
 
     Returns:
         ``[ceil(D / stride), C, h, w]``.
+
+    Raises:
+        ValueError: ``stride`` outside ``1 .. window``.
     """
     if stride < 1 or window < stride:
         msg = f"depth aggregation needs 1 <= stride <= window, got window={window}, stride={stride}"
         raise ValueError(msg)
     if window == 1 and stride == 1:
         return features
-    depth = features.shape[0]
-    cells = (depth + stride - 1) // stride
-    pad_before = (window - 1) // 2 - (stride - 1) // 2
-    # Generous zero padding after the last slice; the mean divides by the count of real slices.
-    pad_after = window + stride
-    volume = features.permute(1, 0, 2, 3).unsqueeze(0)  # [1, C, D, h, w]
-    volume = F.pad(volume, (0, 0, 0, 0, pad_before, pad_after))
-    sums = F.avg_pool3d(volume, kernel_size=(window, 1, 1), stride=(stride, 1, 1))
-    ones = F.pad(features.new_ones(1, 1, depth, 1, 1), (0, 0, 0, 0, pad_before, pad_after))
-    counts = F.avg_pool3d(ones, kernel_size=(window, 1, 1), stride=(stride, 1, 1))
-    means = sums[:, :, :cells] / counts[:, :, :cells]
-    return means[0].permute(1, 0, 2, 3)
+    matrix = depth_average_matrix(features.shape[0], window, stride, device=features.device, dtype=features.dtype)
+    return apply_separable(features, [matrix, None, None, None])
 
 
 def _sinusoids(positions: torch.Tensor, dims: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ A FrEIA ``SequenceINN`` of ``AllInOneBlock`` couplings maps a feature vector ``x
     log p(x | c) = -C/2 · log(2π) - |z|² / 2 + log |det ∂z/∂x|,
 
 reported per dimension (divided by ``C``) so that likelihoods of different embedding sizes compare.
+The flow always computes in float32, also inside an outer bf16 autocast region (see :mod:`.precision`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch
 from FrEIA.framework import SequenceINN
 from FrEIA.modules import AllInOneBlock
 from torch import nn
+
+from .precision import full_precision
 
 __all__ = ["ConditionalFlow", "log_likelihood", "subnet_linear_relu"]
 
@@ -77,8 +80,12 @@ class ConditionalFlow(nn.Module):
             np.random.set_state(numpy_state)
 
     def forward(self, features: torch.Tensor, conditions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latent ``z [N, C]`` and ``log|det J| [N]`` of features ``[N, C]`` under conditions ``[N, P]``."""
-        z, log_jac_det = self.inn(features, c=[conditions])
+        """Latent ``z [N, C]`` and ``log|det J| [N]`` of features ``[N, C]`` under conditions ``[N, P]``.
+
+        Inputs of another floating type (bf16 features) are computed in float32.
+        """
+        with full_precision(features.device.type):
+            z, log_jac_det = self.inn(features.float(), c=[conditions.float()])
         return z, log_jac_det
 
     def log_likelihood(self, features: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:

@@ -36,8 +36,8 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn, optim
 
 from simpleslicenet.models.backbones import DEFAULT_BACKBONE, imagenet_pre_processor
+from simpleslicenet.models.scoring import VolumeScoring, slice_scores
 from simpleslicenet.models.volume_model import VolumeModelMixin
-from simpleslicenet.models.volume_ops import restrict_to_brain, volume_score
 
 from .loss import add_feature_noise, create_loss
 from .torch_model import SimpleSliceNetModel
@@ -115,13 +115,20 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
         depth_position: Also condition the flow on the depth of each cell.
         noise_std: ``σ`` of the Gaussian noise that makes pseudo-anomalous features (paper: 0.08), or
             a list of ``σ`` to mix.
-        loss: ``"bgspp"`` (the paper's boundary-guided semi-push-pull) or ``"triplet"``.
+        loss: ``"bgspp"`` (the paper's boundary-guided semi-push-pull, arXiv v1), ``"triplet"`` (this
+            package's per-feature margin) or ``"authors_triplet"`` (the authors' final code: one
+            triplet margin between whole likelihood vectors); see :mod:`.loss`.
         lr: Adam learning rate of the flow (paper: 1e-3).
         features_per_step: Features per flow optimisation step (paper: 4096); every feature of the
             batch is used once per training step, in random order.
         smoothing_sigma: 3-D Gaussian smoothing of the map in voxels (paper: 4).
         volume_score_mode: ``"max"`` or ``"topk_mean"`` of the brain-masked voxel map.
+        topk_fraction: Share of brain voxels averaged in ``"topk_mean"`` mode.
         mode: ``"auto"``, ``"3d"`` or ``"2d"``.
+        channels_last: Channels-last layout for the backbone and its input (faster convolutions on GPUs).
+        compile_mode: ``torch.compile`` the slice encoder and the flow with this mode (e.g. ``"default"``);
+            ``None``: eager. For bf16, train and test with the trainer's ``precision="bf16-mixed"``: the
+            encoder then runs in bf16 while the flow and the map stay float32.
         pre_processor: Pre-processor, or ``True`` for ImageNet normalisation only.
         post_processor: Post-processor, or ``True`` for anomalib's default.
         evaluator: Evaluator, or ``True`` for anomalib's default.
@@ -146,7 +153,10 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
         features_per_step: int = 4096,
         smoothing_sigma: float = 4.0,
         volume_score_mode: str = "max",
+        topk_fraction: float = 0.001,
         mode: str = "auto",
+        channels_last: bool = False,
+        compile_mode: str | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -166,9 +176,7 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
         if mode not in MODES:
             msg = f"unknown mode {mode!r}: use one of {MODES}"
             raise ValueError(msg)
-        if volume_score_mode not in {"max", "topk_mean"}:
-            msg = f"unknown volume_score_mode {volume_score_mode!r}: use 'max' or 'topk_mean'"
-            raise ValueError(msg)
+        self.scoring = VolumeScoring(volume_score_mode, topk_fraction)
         if features_per_step < 2:
             msg = f"features_per_step must be at least 2, got {features_per_step}"
             raise ValueError(msg)
@@ -185,12 +193,13 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
             depth_position=depth_position,
             smoothing_sigma=smoothing_sigma,
             volumetric=mode != "2d",
+            channels_last=channels_last,
+            compile_mode=compile_mode,
         )
         self.loss = create_loss(loss)
         self.noise_std = list(noise_std) if isinstance(noise_std, Sequence) else float(noise_std)
         self.learning_rate = lr
         self.features_per_step = features_per_step
-        self.volume_score_mode = volume_score_mode
         self.mode = mode
         # Several flow steps per volume: the loop lives in training_step.
         self.automatic_optimization = False
@@ -245,26 +254,13 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
 
     # ---------------------------------------------------------------------------------- inference
     def _predict(self, batch: Batch) -> Batch:
-        """Set ``anomaly_map``, ``pred_score`` (per slice) and ``volume_score`` (per row) on the batch."""
+        """Raw maps of every volume (depth cells never mix volumes), then the shared scoring step."""
         volumes = self._volume_rows(batch)
         if volumes is None:
             predictions = self.model.predict_images(batch.image)
             return batch.update(pred_score=predictions.pred_score, anomaly_map=predictions.anomaly_map)
-        brain_mask = getattr(batch, "brain_mask", None)
-        maps, slice_scores, volume_scores = [], [], []
-        for _, rows in volumes:
-            predictions = self.model.predict_volume(batch.image[rows])
-            mask = brain_mask[rows] if brain_mask is not None else None
-            anomaly_map, scores = restrict_to_brain(predictions.anomaly_map, mask)
-            score = volume_score(anomaly_map, mask, mode=self.volume_score_mode)
-            maps.append(anomaly_map)
-            slice_scores.append(scores)
-            volume_scores.append(score.expand(rows.stop - rows.start))
-        return batch.update(
-            anomaly_map=torch.cat(maps),
-            pred_score=torch.cat(slice_scores),
-            volume_score=torch.cat(volume_scores),
-        )
+        anomaly_map = torch.cat([self.model.predict_volume(batch.image[rows]) for _, rows in volumes])
+        return self.score_batch(batch.update(anomaly_map=anomaly_map, pred_score=slice_scores(anomaly_map)))
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Predict every volume of the batch (see :meth:`_predict`)."""

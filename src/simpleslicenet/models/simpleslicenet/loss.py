@@ -7,8 +7,12 @@ go through the flow; ``ℓ_n`` and ``ℓ_a`` below are their per-dimension log-l
 * :class:`BoundaryGuidedSemiPushPullLoss` — the paper's loss, after the boundary-guided semi-push-pull
   contrast of BGAD (Yao et al., CVPR 2023): maximum likelihood on normals, normals pulled above a
   normal boundary and pseudo-anomalies pushed below a lower abnormal boundary.
-* :class:`TripletLikelihoodLoss` — maximum likelihood on normals plus a margin between each normal
-  feature and its own noised copy.
+* :class:`TripletLikelihoodLoss` — this package's own: maximum likelihood on normals plus a margin
+  between each normal feature and its own noised copy.
+* :class:`VectorTripletMarginLoss` — the loss of the authors' final (journal-era) code: maximum
+  likelihood on normals plus one triplet margin between whole vectors of log-likelihoods.
+
+``create_loss("bgspp" | "triplet" | "authors_triplet")`` picks one (``SimpleSliceNet(loss=...)``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from torch.nn import functional as F  # noqa: N812
 __all__ = [
     "BoundaryGuidedSemiPushPullLoss",
     "TripletLikelihoodLoss",
+    "VectorTripletMarginLoss",
+    "LOSSES",
     "abnormal_focal_weights",
     "add_feature_noise",
     "create_loss",
@@ -198,11 +204,49 @@ class TripletLikelihoodLoss(nn.Module):
         return loss + self.contrast_weight * gap.mean()
 
 
+class VectorTripletMarginLoss(nn.Module):
+    """The authors' final loss: maximum likelihood plus a triplet margin between whole likelihood vectors.
+
+    ``L = mean_i −log σ(ℓ_n,i) + max(0, ‖ℓ_n − ℓ_n[π]‖₂ − ‖ℓ_n − ℓ_a‖₂ + m)`` for one flow step's vectors
+    ``ℓ_n, ℓ_a ∈ R^N`` (the anchor is the normal vector, the positive the same vector in a random order
+    ``π``, the negative the noised copy): the normal vector must sit at least ``m`` closer to any
+    reordering of itself than to its noised version. Unlike :class:`TripletLikelihoodLoss` the margin is
+    one distance between vectors, not a per-feature gap.
+
+    Args:
+        margin: ``m`` (the authors' 1.0).
+        generator: Random generator of ``π`` (``None``: torch's global one).
+    """
+
+    def __init__(self, margin: float = 1.0, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.triplet = nn.TripletMarginLoss(margin=margin, p=2)
+        self.generator = generator
+
+    def forward(self, normal_log_likelihood: torch.Tensor, noised_log_likelihood: torch.Tensor) -> torch.Tensor:
+        """Scalar loss from the step's ``ℓ_n [N]`` and ``ℓ_a [N]``."""
+        order = torch.randperm(normal_log_likelihood.numel(), generator=self.generator, device=normal_log_likelihood.device)
+        positive = normal_log_likelihood.flatten()[order]
+        # Rows of one sample: the distances are taken over the whole vector.
+        contrast = self.triplet(normal_log_likelihood.flatten()[None], positive[None], noised_log_likelihood.flatten()[None])
+        return maximum_likelihood_loss(normal_log_likelihood) + contrast
+
+
+# Selectable losses (``SimpleSliceNet(loss=...)``): the paper's, this package's, the authors' final code's.
+LOSSES = {
+    "bgspp": BoundaryGuidedSemiPushPullLoss,
+    "triplet": TripletLikelihoodLoss,
+    "authors_triplet": VectorTripletMarginLoss,
+}
+
+
 def create_loss(name: str) -> nn.Module:
-    """``"bgspp"`` → :class:`BoundaryGuidedSemiPushPullLoss`, ``"triplet"`` → :class:`TripletLikelihoodLoss`."""
-    if name == "bgspp":
-        return BoundaryGuidedSemiPushPullLoss()
-    if name == "triplet":
-        return TripletLikelihoodLoss()
-    msg = f"unknown loss {name!r}: use 'bgspp' or 'triplet'"
-    raise ValueError(msg)
+    """The loss named ``name`` in :data:`LOSSES`, with its default settings.
+
+    Raises:
+        ValueError: Unknown name.
+    """
+    if name not in LOSSES:
+        msg = f"unknown loss {name!r}: use one of {', '.join(map(repr, LOSSES))}"
+        raise ValueError(msg)
+    return LOSSES[name]()

@@ -3,7 +3,18 @@
 In eval mode :meth:`SimpleSliceNetModel.forward` takes the ImageNet-normalised slices of ONE volume
 ``[D, 3, H, W]`` and returns an anomalib :class:`~anomalib.data.InferenceBatch` with the voxel map
 ``[D, H, W]`` and slice scores ``[D]``. The graph has no Python loop over slices and no data-dependent
-branch, so it exports to ONNX/OpenVINO with a dynamic ``D``.
+branch, so it exports to ONNX/OpenVINO with a dynamic ``D``; for the same reason it never waits for
+the device, runs under ``torch.compile`` and can be captured in a CUDA graph
+(:class:`~simpleslicenet.models.cuda_graphs.CapturedCall`).
+
+GPU options (all off by default; exported graphs are float32 whatever they say):
+
+* ``precision="bf16"``: the slice encoder under bf16 autocast; the flow and the map stay float32
+  (:mod:`.precision`).
+* ``channels_last=True``: the backbone's weights and input in channels-last layout.
+* ``compile_mode``: ``torch.compile`` the slice encoder and the flow (the modules that do the
+  arithmetic, for inference and training alike) with this mode, e.g. ``"default"`` or
+  ``"max-autotune-no-cudagraphs"``.
 """
 
 from __future__ import annotations
@@ -16,7 +27,7 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from simpleslicenet.models.backbones import DEFAULT_BACKBONE, create_feature_extractor
-from simpleslicenet.models.volume_ops import slice_scores
+from simpleslicenet.models.scoring import slice_scores
 
 from .anomaly_map import AnomalyMapGenerator
 from .features import (
@@ -51,6 +62,12 @@ class SimpleSliceNetModel(nn.Module):
         depth_position: Append a sinusoidal code of the depth cell's centre slice to the condition.
         smoothing_sigma: Gaussian smoothing of the map in voxels (paper: 4).
         volumetric: What ``forward`` does in eval mode: one volume (``True``) or independent images.
+        precision: ``"fp32"`` or ``"bf16"`` (slice encoder under bf16 autocast).
+        channels_last: Channels-last layout for the backbone and its input.
+        compile_mode: ``torch.compile`` mode for the slice encoder and the flow; ``None``: eager.
+
+    Raises:
+        ValueError: ``depth_stride`` outside ``1 .. depth_window``, or an unknown precision.
     """
 
     def __init__(
@@ -68,6 +85,9 @@ class SimpleSliceNetModel(nn.Module):
         depth_position: bool = False,
         smoothing_sigma: float = 4.0,
         volumetric: bool = True,
+        precision: str = "fp32",
+        channels_last: bool = False,
+        compile_mode: str | None = None,
     ) -> None:
         super().__init__()
         if not 1 <= depth_stride <= depth_window:
@@ -81,6 +101,8 @@ class SimpleSliceNetModel(nn.Module):
             layer_channels=extractor.feature_info.channels(),
             embed_dim=embed_dim,
             neighbourhood=neighbourhood,
+            precision=precision,
+            channels_last=channels_last,
         )
         self.depth_window = depth_window
         self.depth_stride = depth_stride
@@ -95,6 +117,11 @@ class SimpleSliceNetModel(nn.Module):
             clamp=clamp,
         )
         self.anomaly_map_generator = AnomalyMapGenerator(sigma=smoothing_sigma)
+        self.compile_mode = compile_mode
+        if compile_mode is not None:
+            # In place (nn.Module.compile): parameters, state dict and every caller stay as they are.
+            self.encoder.compile(mode=compile_mode)
+            self.flow.compile(mode=compile_mode)
 
     # ----------------------------------------------------------------- features and their conditions
     def conditions(self, cells: torch.Tensor, depth_positions: torch.Tensor | None) -> torch.Tensor:
@@ -157,14 +184,13 @@ class SimpleSliceNetModel(nn.Module):
         log_likelihood = self.flow.log_likelihood(self.to_rows(cells), self.to_rows(conditions))
         return log_likelihood.view(count, height, width)
 
-    def predict_volume(self, images: torch.Tensor) -> InferenceBatch:
-        """Voxel map ``[D, H, W]`` and slice scores ``[D]`` of ONE volume's slices ``[D, 3, H, W]``."""
+    def predict_volume(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw voxel map ``[D, H, W]`` of ONE volume's slices ``[D, 3, H, W]``."""
         features = self.encoder(images)
         cells, conditions = self.volume_cells(features)
         log_likelihood = self.log_likelihood_grid(cells, conditions)
         depth, _, height, width = images.shape
-        anomaly_map = self.anomaly_map_generator.volume_map(log_likelihood, (depth, height, width))
-        return InferenceBatch(pred_score=slice_scores(anomaly_map), anomaly_map=anomaly_map)
+        return self.anomaly_map_generator.volume_map(log_likelihood, (depth, height, width))
 
     def predict_images(self, images: torch.Tensor) -> InferenceBatch:
         """Pixel maps ``[N, H, W]`` and image scores ``[N]`` of independent images ``[N, 3, H, W]``."""
@@ -182,4 +208,8 @@ class SimpleSliceNetModel(nn.Module):
         """
         if self.training:
             return self.training_features(images, [slice(0, images.shape[0])] if self.volumetric else None)
-        return self.predict_volume(images) if self.volumetric else self.predict_images(images)
+        if not self.volumetric:
+            return self.predict_images(images)
+        # The exported graph's outputs; brain restriction and volume scores follow outside it.
+        anomaly_map = self.predict_volume(images)
+        return InferenceBatch(pred_score=slice_scores(anomaly_map), anomaly_map=anomaly_map)

@@ -1,0 +1,148 @@
+"""The one scoring step every model and the deployed inferencer share: raw voxel map in, scores out.
+
+A model's job ends at its raw voxel map ``[N, H, W]`` (the slices of one or more volumes, in order).
+:func:`score_volumes` then, per volume,
+
+* brings the map onto the volume's slice grid (models that resize slices internally return smaller maps),
+* restricts it to the brain: outside the brain every voxel gets the volume's lowest brain score. Scans
+  are skull-stripped, so nothing there can be a lesion; left in, responses to the background and the
+  crop border would decide the scores. The floor is the volume's own minimum, not 0, because some
+  models' scores are negative (log-likelihood maps);
+* takes slice scores (maximum over each slice's brain voxels) and one volume score
+  (:class:`VolumeScoring`: the maximum, or the mean of the top fraction of brain voxels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F  # noqa: N812
+
+from simpleslicenet.records import SettingsRecord
+
+__all__ = ["VolumeScoring", "VolumeScores", "score_volumes", "slice_scores", "to_slice_grid", "volume_score", "SCORE_MODES"]
+
+SCORE_MODES = ("max", "topk_mean")
+
+
+@dataclass(frozen=True)
+class VolumeScoring(SettingsRecord):
+    """How one volume's voxel map becomes its volume score.
+
+    Args:
+        volume_score_mode: ``"max"`` or ``"topk_mean"`` (mean of the highest ``topk_fraction`` of the
+            brain voxels; less sensitive to a single hot voxel than the maximum).
+        topk_fraction: Share of brain voxels averaged in ``"topk_mean"`` mode.
+
+    Raises:
+        ValueError: An unknown mode or a fraction outside (0, 1].
+    """
+
+    volume_score_mode: str = "max"
+    topk_fraction: float = 0.001
+
+    def __post_init__(self) -> None:
+        if self.volume_score_mode not in SCORE_MODES:
+            msg = f"unknown volume_score_mode {self.volume_score_mode!r}: use one of {SCORE_MODES}"
+            raise ValueError(msg)
+        fraction = float(self.topk_fraction)
+        if not 0.0 < fraction <= 1.0:
+            msg = f"topk_fraction must lie in (0, 1], got {self.topk_fraction!r}"
+            raise ValueError(msg)
+        object.__setattr__(self, "topk_fraction", fraction)
+
+
+@dataclass
+class VolumeScores:
+    """Scores of the volumes in one batch (rows are slices).
+
+    Args:
+        anomaly_map: ``[N, H, W]`` brain-restricted voxel map on the slice grid.
+        slice_scores: ``[N]`` maximum of each slice's brain voxels.
+        volume_scores: ``[N]`` each row's volume score (one value repeated over a volume's rows).
+    """
+
+    anomaly_map: torch.Tensor
+    slice_scores: torch.Tensor
+    volume_scores: torch.Tensor
+
+
+def to_slice_grid(
+    anomaly_map: torch.Tensor,
+    size: tuple[int, int] | torch.Size,
+    mode: str = "bilinear",
+) -> torch.Tensor:
+    """Maps ``[N, H', W']`` or ``[N, 1, H', W']`` as ``[N, H, W]`` on the slice grid ``size``."""
+    maps = anomaly_map[:, 0] if anomaly_map.dim() == 4 else anomaly_map
+    if tuple(maps.shape[-2:]) != tuple(size):
+        corners = {"align_corners": False} if mode == "bilinear" else {}
+        maps = F.interpolate(maps[:, None].float(), size=tuple(size), mode=mode, **corners)[:, 0]
+    return maps
+
+
+def slice_scores(anomaly_map: torch.Tensor) -> torch.Tensor:
+    """Score of each slice ``[N]``: the maximum of its map ``[N, H, W]``."""
+    return anomaly_map.flatten(1).amax(dim=1)
+
+
+def volume_score(values: torch.Tensor, scoring: VolumeScoring, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Score of one volume from its brain voxels' scores (any shape).
+
+    Args:
+        values: The brain voxels' scores, or all voxels' scores with ``mask``.
+        scoring: How the score is taken.
+        mask: Which of ``values`` are brain voxels (not empty). With a mask no shape depends on the
+            data, so the device is never waited for (GPU streams, CUDA graphs); same result.
+    """
+    values = values.flatten()
+    if mask is None:
+        if scoring.volume_score_mode == "max":
+            return values.max()
+        k = max(1, int(round(values.numel() * scoring.topk_fraction)))
+        return values.topk(k).values.mean()
+    masked = torch.where(mask.flatten(), values, float("-inf"))
+    if scoring.volume_score_mode == "max":
+        return masked.amax()
+    # k of the masked voxels, rounded as above (half to even, in float64), at most k of all voxels.
+    k_max = max(1, int(round(values.numel() * scoring.topk_fraction)))
+    k = torch.round(mask.sum().double() * scoring.topk_fraction).clamp(min=1)
+    top = masked.topk(k_max).values
+    taken = torch.arange(k_max, device=values.device) < k
+    return torch.where(taken, top, 0.0).sum() / k.to(values.dtype)
+
+
+def score_volumes(
+    anomaly_map: torch.Tensor,
+    brain_mask: torch.Tensor | None,
+    volume_rows: list[slice] | None = None,
+    scoring: VolumeScoring | None = None,
+) -> VolumeScores:
+    """Brain-restricted map, slice scores and volume scores of every volume in a batch.
+
+    Args:
+        anomaly_map: Raw voxel map ``[N, H, W]`` or ``[N, 1, h, w]`` (resized to the brain mask's grid).
+        brain_mask: ``[N, H, W]`` boolean brain mask, or ``None`` (every voxel counts).
+        volume_rows: Rows of each volume; ``None``: all rows are one volume.
+        scoring: How the volume score is taken (default :class:`VolumeScoring()`).
+
+    Nothing here branches on the data or makes a shape from it, so on a GPU the host never waits for
+    the device (a loop over the batch's volumes only queues work).
+    """
+    scoring = scoring if scoring is not None else VolumeScoring()
+    size = brain_mask.shape[-2:] if brain_mask is not None else anomaly_map.shape[-2:]
+    maps = to_slice_grid(anomaly_map, size).clone()
+    rows_of_volumes = volume_rows if volume_rows is not None else [slice(0, maps.shape[0])]
+    volume_scores = torch.empty(maps.shape[0], dtype=maps.dtype, device=maps.device)
+    for rows in rows_of_volumes:
+        volume = maps[rows]
+        if brain_mask is None:
+            volume_scores[rows] = volume_score(volume, scoring)
+            continue
+        brain = brain_mask[rows].bool()
+        # A volume without brain voxels keeps every voxel (tensor algebra, not an if on the device's data).
+        counted = brain | ~brain.any()
+        floor = torch.where(brain, volume, float("inf")).amin()
+        maps[rows] = torch.where(counted, volume, floor)
+        volume_scores[rows] = volume_score(volume, scoring, mask=counted)
+    return VolumeScores(anomaly_map=maps, slice_scores=slice_scores(maps), volume_scores=volume_scores)

@@ -1,0 +1,38 @@
+"""Registration touches only the anomalib command line: importing anomalib elsewhere changes nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _python(code: str) -> str:
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed.stdout
+
+
+def test_importing_anomalib_loads_nothing_of_ours() -> None:
+    out = _python(
+        "import sys, anomalib.models, anomalib.data\n"
+        "print(hasattr(anomalib.models, 'SimpleSliceNet'), hasattr(anomalib.data, 'BrainPhantom'))\n"
+        "print(sorted(m for m in sys.modules if m.startswith('simpleslicenet.') and m != 'simpleslicenet._anomalib_hook'))\n"
+    )
+    # The start-up hook imports nothing of the package beyond itself (no model, no allocator change).
+    assert out.splitlines()[0] == "False False"
+    assert out.splitlines()[1] == "[]"
+
+
+def test_register_makes_short_names_known_to_anomalib() -> None:
+    out = _python(
+        "import simpleslicenet; simpleslicenet.register()\n"
+        "from anomalib.models import get_model; from anomalib.data import get_datamodule\n"
+        "import anomalib.models, anomalib.data\n"
+        "print(type(get_model('SimpleSliceNet')).__name__, anomalib.models.PatchcoreSlices.__name__)\n"
+        "print(type(get_datamodule({'class_path': 'BrainPhantom', 'init_args': {'root': '.'}})).__name__)\n"
+    )
+    assert out.split() == ["SimpleSliceNet", "PatchcoreSlices", "BrainPhantom"]
