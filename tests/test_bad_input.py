@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import gzip
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from simpleslicenet import atomic
+from simpleslicenet.atomic import recover_directory, replace_directory
 from simpleslicenet.data.datamodules import IXI, BraTS2021, IXIBraTS, NiftiFolder
 from simpleslicenet.data.nifti import VolumeError, read_mask, read_nifti, write_nifti
 from simpleslicenet.data.volume import VolumePreprocessing, load_volume
@@ -342,6 +346,43 @@ def test_failed_write_leaves_existing_file_and_no_temporary(
         write_nifti(image, geometry, target, overwrite=True)
     assert target.read_bytes() == b"previous result"
     assert os.listdir(tmp_path) == ["map.nii.gz"]
+
+
+def _folder(path: Path, text: str) -> Path:
+    path.mkdir()
+    (path / "scores.json").write_text(text)
+    return path
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])  # noqa: S603
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["atomic-exchange", "two-renames"])
+def test_folder_swap_replaces_the_whole_folder(tmp_path: Path, exchange: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not exchange:  # the path taken on file systems without renameat2's exchange
+        monkeypatch.setattr(atomic, "_exchange", lambda first, second: False)
+    target = _folder(tmp_path / "maps", "old")
+    (target / "stale.nii.gz").write_bytes(b"")
+    replace_directory(_folder(tmp_path / ".tmp-new", "new"), target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["maps"]
+    assert sorted(p.name for p in target.iterdir()) == ["scores.json"]
+    assert (target / "scores.json").read_text() == "new"
+
+
+def test_swap_killed_between_its_renames_is_undone(tmp_path: Path) -> None:
+    # What a kill between the two renames leaves: no target, the old folder set aside under a dead pid.
+    aside = _folder(tmp_path / f".tmp-maps.previous.{_dead_pid()}-0123abcd", "old")
+    recover_directory(tmp_path / "maps")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["maps"]
+    assert (tmp_path / "maps" / "scores.json").read_text() == "old"
+    # Killed while deleting the old folder: the new one is in place, the leftover goes.
+    _folder(aside, "old")
+    live = _folder(tmp_path / f".tmp-maps.previous.{os.getpid()}-4567ef", "in use")  # a running swap's
+    recover_directory(tmp_path / "maps")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "maps"]
 
 
 # --- header checks before any voxel is read ---------------------------------------------------

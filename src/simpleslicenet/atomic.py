@@ -14,14 +14,24 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_text", "replace_directory", "TEMP_PREFIX"]
+__all__ = [
+    "TEMP_PREFIX",
+    "abandoned_paths",
+    "atomic_path",
+    "atomic_write_text",
+    "recover_directory",
+    "replace_directory",
+]
 
 # Temporary names start with this, so listings (and the dataset naming rule) skip them as hidden files.
 TEMP_PREFIX = ".tmp-"
@@ -64,14 +74,68 @@ def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = True
     return path
 
 
-def replace_directory(staging: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """Move a completely built folder ``staging`` onto ``target``, keeping the old one until it succeeds.
+# renameat2(2) flag: swap two existing paths in one step (Linux 3.15+, on ext4, xfs, btrfs, tmpfs...).
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
 
-    ``target`` is renamed aside, ``staging`` renamed into its place, and only then is the old folder
-    deleted; if the second rename fails the old folder is put back.
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two existing paths atomically; False where the system or file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # a C library without renameat2 (glibc < 2.28, musl < 1.2.?)
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(first), None, str(second))
+
+
+def _backup_prefix(target: Path) -> str:
+    return f"{TEMP_PREFIX}{target.name}.previous."
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def abandoned_paths(folder: Path, prefix: str) -> list[Path]:
+    """Entries of ``folder`` named ``<prefix><pid>-...`` whose process is gone (left by a killed run)."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.iterdir()):
+        pid = path.name[len(prefix) :].split("-", 1)[0] if path.name.startswith(prefix) else ""
+        if pid.isdigit() and not _process_alive(int(pid)):
+            found.append(path)
+    return found
+
+
+def replace_directory(staging: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Move a completely built folder ``staging`` onto ``target``; ``target`` is never missing or half-made.
+
+    Where the file system can, the two folders are exchanged in one atomic step and the old one (now
+    at ``staging``) is deleted. Elsewhere ``target`` is renamed aside under a name carrying this
+    process's id, ``staging`` renamed into its place, and the old folder deleted; if the second rename
+    fails the old folder is put back, and if the process is killed in between,
+    :func:`recover_directory` (run before the next write) puts it back.
     """
     staging, target = Path(staging), Path(target)
-    backup = target.with_name(f"{TEMP_PREFIX}{target.name}.previous.{uuid.uuid4().hex}")
+    if target.exists() and _exchange(staging, target):
+        shutil.rmtree(staging, ignore_errors=True)
+        return target
+    backup = target.with_name(f"{_backup_prefix(target)}{os.getpid()}-{uuid.uuid4().hex}")
     had_target = target.exists()
     if had_target:
         target.rename(backup)
@@ -84,3 +148,17 @@ def replace_directory(staging: str | os.PathLike, target: str | os.PathLike) -> 
     if had_target:
         shutil.rmtree(backup, ignore_errors=True)
     return target
+
+
+def recover_directory(target: str | os.PathLike) -> None:
+    """Finish what a killed :func:`replace_directory` left: restore or delete its set-aside folder.
+
+    A set-aside folder whose process is gone is put back when ``target`` is missing (the swap was cut
+    between its two renames: the old folder is the last complete one) and deleted otherwise.
+    """
+    target = Path(target)
+    for path in abandoned_paths(target.parent, _backup_prefix(target)):
+        if target.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.rename(target)

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from simpleslicenet.atomic import TEMP_PREFIX, atomic_write_text, replace_directory
+from simpleslicenet.atomic import TEMP_PREFIX, abandoned_paths, atomic_write_text, recover_directory, replace_directory
 from simpleslicenet.data.nifti import VolumeError, write_nifti
 from simpleslicenet.data.scans import OUTPUT_SUFFIXES, ScanFiles, nifti_stem, scans_from
 from simpleslicenet.deploy.inferencer import VolumeInferencer
@@ -111,27 +111,11 @@ def _staging_prefix(output: Path) -> str:
     return f"{TEMP_PREFIX}{output.name}.{_STAGING_TAG}-"
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_abandoned_staging(output: Path) -> None:
-    """Remove staging folders of this output left by processes that were killed (their pid is gone)."""
-    if not output.parent.is_dir():
-        return
-    prefix = _staging_prefix(output)
-    for path in output.parent.iterdir():
-        if not path.name.startswith(prefix) or not path.is_dir():
-            continue
-        pid = path.name[len(prefix) :].split("-", 1)[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
+    """Finish or undo what killed runs left beside this output (their pid is gone)."""
+    recover_directory(output)
+    for path in abandoned_paths(output.parent, _staging_prefix(output)):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextmanager
