@@ -10,6 +10,7 @@ from simpleslicenet.models.backbones import (
     BackboneWeightsError,
     apply_imagenet_weights,
     create_feature_extractor,
+    layers_for_slice_size,
     load_imagenet_state_dict,
     resolve_out_indices,
 )
@@ -119,3 +120,18 @@ def test_paper_backbone_runs_only_layer2_and_layer3() -> None:
     assert not hasattr(extractor, "layer4")
     maps = extractor(torch.rand(1, 3, 32, 32))
     assert [tuple(m.shape) for m in maps] == [(1, 512, 4, 4), (1, 1024, 2, 2)]
+
+
+@pytest.mark.parametrize(
+    ("backbone", "side", "stages"),
+    [
+        ("tf_efficientnet_lite0", 192, ["blocks.2", "blocks.4"]),  # the paper's grid: stride 8/16, 24x24
+        ("tf_efficientnet_lite0", 96, ["blocks.1", "blocks.2"]),  # stride 4/8: 24x24 again
+        ("tf_efficientnet_lite0", 32, ["blocks.1", "blocks.2"]),  # never below stride 4
+        ("tf_efficientnet_lite0", 384, ["blocks.4", "blocks.6"]),
+        ("wide_resnet50_2", 192, ["layer2", "layer3"]),
+        ("wide_resnet50_2", 96, ["layer1", "layer2"]),
+    ],
+)
+def test_stages_are_chosen_for_a_24_location_grid(backbone: str, side: int, stages: list[str]) -> None:
+    assert layers_for_slice_size(backbone, (side, side)) == stages

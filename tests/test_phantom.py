@@ -213,6 +213,58 @@ def test_lesions_stand_out_from_their_surroundings(phantom_root: Path) -> None:
         assert difference > 3 * entry["noise_std"], (entry["id"], difference)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_lesion_families_have_their_size_place_and_contrast(seed: int) -> None:
+    for index in (30, 31):
+        stats = {}
+        for family in ("tumour", "small", "multifocal", "hypointense"):
+            subject = generate_subject(index, True, "t2", seed, 2.0, family=family)
+            seg, brain = subject.seg > 0, subject.brain_mask > 0
+            ring = ndimage.binary_dilation(seg, iterations=2) & ~seg & brain
+            stats[family] = (len(subject.lesions), seg.sum() * 8 / 1000, subject.image[seg].mean() / subject.image[ring].mean())
+            assert subject.family == family
+            assert sum(entry["voxels"] for entry in subject.lesions) >= seg.sum()  # foci may touch
+            assert all(entry["volume_ml"] == pytest.approx(entry["voxels"] * 8 / 1000) for entry in subject.lesions)
+            if family == "multifocal":  # foci sit in white matter: the healthy twin shows white matter there
+                twin = generate_subject(index, False, "t2", seed, 2.0)
+                tissue = subject.intensities
+                in_white = []
+                for entry in subject.lesions:
+                    assert entry["radius_mm"] <= 5.0
+                    value = twin.image[tuple(int(round(v)) for v in entry["centre_voxel"])]
+                    in_white.append(abs(value - tissue["wm"]) < abs(value - tissue["gm"]))
+                assert np.mean(in_white) >= 0.75, in_white  # bias field and noise blur a few
+        count, volume_ml, _ = stats["small"]
+        assert count == 1 and 0.3 < volume_ml < 4.5
+        count, volume_ml, _ = stats["multifocal"]
+        assert 4 <= count <= 10 and volume_ml < 3.0
+        assert stats["hypointense"][2] < 0.8  # darker than the tissue around it, even in T2
+        assert stats["multifocal"][2] > 1.2 and stats["tumour"][2] > 1.1  # T2: bright
+        assert stats["tumour"][1] > stats["small"][1]
+
+
+def test_families_take_turns_and_are_recorded(tmp_path: Path) -> None:
+    from simpleslicenet.data.datamodules.phantom import BrainPhantom
+
+    families = ["small", "multifocal", "hypointense"]
+    datamodule = BrainPhantom(
+        root=tmp_path, n_healthy=2, n_lesion=4, spacing_mm=4.0, target_shape=(32, 32, 16), lesion_families=families, progress=False
+    )
+    datamodule.prepare_data()
+    manifest = read_manifest(tmp_path)
+    assert manifest["parameters"]["lesion_families"] == families
+    assert [entry["family"] for entry in manifest["subjects"]] == [None, None, "small", "multifocal", "hypointense", "small"]
+    samples = datamodule.make_samples()
+    assert list(samples["lesion_family"]) == ["none", "none", "small", "multifocal", "hypointense", "small"]
+    lesion = samples[samples["label_index"] == 1]
+    assert (lesion["lesion_volume_ml"] > 0).all() and (samples[samples["label_index"] == 0]["lesion_volume_ml"] == 0).all()
+    with pytest.raises(ValueError, match="unknown lesion families .*'cyst'.* choose from tumour, small, multifocal, hypointense"):
+        BrainPhantom(lesion_families=["cyst"])
+    # A tumour-only phantom keeps the parameters (and so the cached folders) it always had.
+    root = generate_phantom_dataset(tmp_path / "tumours", n_healthy=1, n_lesion=1, spacing_mm=4.0, progress=False)
+    assert "lesion_families" not in read_manifest(root)["parameters"]
+
+
 def test_matching_manifest_is_reused(phantom_root: Path) -> None:
     paths = [phantom_root / MANIFEST_NAME, *sorted(phantom_root.glob("Phantom_*/*.nii.gz"))]
     before = {p: p.stat().st_mtime_ns for p in paths}

@@ -265,8 +265,8 @@ def test_score_is_zero_at_the_most_likely_cell() -> None:
 def test_anomaly_map_upsamples_and_smooths() -> None:
     grid = torch.full((6, 4, 4), -1.0)
     grid[3, 2, 1] = -4.0
-    sharp = AnomalyMapGenerator(sigma=0).volume_map(grid, (16, 32, 32))
-    smooth = AnomalyMapGenerator(sigma=4).volume_map(grid, (16, 32, 32))
+    sharp = AnomalyMapGenerator(sigma=0, order="score_then_smooth").volume_map(grid, (16, 32, 32))
+    smooth = AnomalyMapGenerator(sigma=4, order="score_then_smooth").volume_map(grid, (16, 32, 32))
     assert sharp.shape == smooth.shape == (16, 32, 32)
     assert smooth.max() < sharp.max()
     # Smoothing acts on the upsampled voxel map, not on the coarse cell grid.
@@ -274,7 +274,27 @@ def test_anomaly_map_upsamples_and_smooths() -> None:
     assert (smooth > 1e-3).sum() > (sharp > 1e-3).sum()
     images = AnomalyMapGenerator(sigma=2).image_maps(grid, (32, 32))
     assert images.shape == (6, 32, 32)
-    assert images[0].abs().max() == 0  # a uniform image scores zero everywhere
+    # A uniform image scores zero everywhere (up to the rounding of smoothing a constant).
+    assert images[0].abs().max() < 1e-6
+
+
+def test_authors_order_smooths_the_likelihood_with_scipys_defaults() -> None:
+    from scipy import ndimage
+
+    torch.manual_seed(0)
+    grid = -torch.rand(5, 4, 6, dtype=torch.float64) * 3
+    size = (15, 12, 18)
+    upsampled = F.interpolate(grid[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
+    smoothed = torch.from_numpy(ndimage.gaussian_filter(upsampled.numpy(), sigma=2.0))  # reflect, truncate 4
+    expected = 1 - torch.exp(smoothed - smoothed.max())
+    generator = AnomalyMapGenerator(sigma=2.0, order="smooth_then_score")
+    torch.testing.assert_close(generator.volume_map(grid, size).double(), expected, rtol=0, atol=1e-5)
+    assert generator.volume_map(grid, size).min() == 0  # still 0 at the most likely voxel
+    # The two orders differ: smoothing a score is not scoring a smoothed likelihood.
+    package = AnomalyMapGenerator(sigma=2.0, order="score_then_smooth").volume_map(grid, size)
+    assert (package - generator.volume_map(grid, size)).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="unknown map order 'smooth_first'"):
+        AnomalyMapGenerator(order="smooth_first")
 
 
 # -------------------------------------------------------------------------------------- torch model

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -97,6 +99,20 @@ def test_crop_start_centres_the_mask() -> None:
     mask[10:20, 5:35, 22:30] = True
     start = crop_start_for(mask.shape, (16, 16, 16), mask)
     assert start == (7, 12, 18)
+
+
+def test_whole_brain_crop_keeps_every_brain_slice(scans: dict, tmp_path: Path) -> None:
+    path, _, _ = scans["RAS"]
+    slab = load_volume(path, VolumePreprocessing(target_shape=(40, 48, 12), intensity="minmax"))
+    whole = load_volume(path, VolumePreprocessing(target_shape=(40, 48, 12), intensity="minmax", crop="whole_brain"))
+    image, _ = read_nifti(path)
+    brain_slices = int((image > 0).any(axis=(0, 1)).sum())
+    assert slab.image.shape == (40, 48, 12) and whole.image.shape == (40, 48, brain_slices) and brain_slices > 12
+    assert whole.brain_mask.sum() == (image > 0).sum() > slab.brain_mask.sum()  # nothing of the brain is cut off
+    assert whole.brain_mask[:, :, 0].any() and whole.brain_mask[:, :, -1].any()
+    # Back on the scan grid, a map of the whole-brain grid covers every brain voxel of the scan.
+    back = whole.geometry.to_scan(whole.image.transpose(2, 1, 0))
+    assert back.shape == image.shape and (back[image > 0] > 0).all()
 
 
 def test_spacing_round_trip(tmp_path) -> None:  # noqa: ANN001

@@ -31,6 +31,7 @@ def _phantom(args: argparse.Namespace) -> None:
         seed=args.seed,
         spacing_mm=args.spacing,
         progress=True,
+        lesion_families=args.lesion_families,
     )
     print(f"phantom dataset ready in {root}")
 
@@ -107,6 +108,13 @@ def _parser() -> argparse.ArgumentParser:
     phantom.add_argument("--modality", default="t2", help="contrast of the scans: t1, t1ce, t2 or flair")
     phantom.add_argument("--seed", type=int, default=0)
     phantom.add_argument("--spacing", type=float, default=1.0, help="voxel size in mm")
+    phantom.add_argument(
+        "--lesion-families",
+        nargs="+",
+        default=["tumour"],
+        metavar="FAMILY",
+        help="lesion families of the lesion subjects, taken in turn: tumour, small, multifocal, hypointense",
+    )
     phantom.set_defaults(func=_phantom)
 
     prep = sub.add_parser(

@@ -62,7 +62,8 @@ class VolumeMapWriter(Visualizer):
     """Lightning callback writing one NIfTI anomaly map (and a PNG preview) per test/predict volume.
 
     Args:
-        output_dir: Folder for the outputs; default ``<trainer.default_root_dir>/anomaly_maps``.
+        output_dir: Folder for the outputs; default ``<trainer.default_root_dir>/anomaly_maps`` of the
+            trainer that runs the test or prediction (so each run writes into its own folder).
         previews: Also write a PNG preview per volume.
     """
 
@@ -70,10 +71,19 @@ class VolumeMapWriter(Visualizer):
         super().__init__()
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.previews = previews
-        self._sources: dict[str, str] = {}  # file stem -> scan it was written for
+        self._sources: dict[tuple[Path, str], str] = {}  # (folder, file stem) -> scan it was written for
 
-    def write(self, batch: Any) -> list[Path]:  # noqa: ANN401
-        """Write the maps of every volume in a predicted :class:`VolumeBatch`; returns the NIfTI paths."""
+    def write(self, batch: Any, folder: str | Path | None = None) -> list[Path]:  # noqa: ANN401
+        """Write the maps of every volume in a predicted :class:`VolumeBatch`; returns the NIfTI paths.
+
+        Args:
+            batch: The predicted batch.
+            folder: Where to write; default ``output_dir``.
+        """
+        folder = Path(folder) if folder is not None else self.output_dir
+        if folder is None:
+            msg = "VolumeMapWriter.write needs a folder: pass one or set output_dir"
+            raise ValueError(msg)
         written = []
         if batch.anomaly_map is None or getattr(batch, "geometry", None) is None:
             return written
@@ -84,23 +94,22 @@ class VolumeMapWriter(Visualizer):
             amap = batch.anomaly_map[rows].detach().float().cpu().numpy()
             source = geometry.path or batch.image_path[rows.start]
             stem = nifti_stem(source) or Path(source).stem
-            if self._sources.setdefault(stem, source) != source:
+            if self._sources.setdefault((folder, stem), source) != source:
                 # Two scans of one name (e.g. healthy/001 and lesion/001): keep both maps.
                 stem = f"{Path(source).parent.name}_{stem}"
-            path = write_nifti(geometry.to_scan(amap), geometry, self.output_dir / f"{stem}_anomaly_map.nii.gz", overwrite=True)
+            path = write_nifti(geometry.to_scan(amap), geometry, folder / f"{stem}_anomaly_map.nii.gz", overwrite=True)
             written.append(path)
             if self.previews:
                 image = batch.image[rows, 0].detach().float().cpu().numpy()
                 mask = batch.gt_mask[rows].cpu().numpy() if batch.gt_mask is not None else None
-                _preview(image, amap, mask, self.output_dir / f"{stem}.png")
+                _preview(image, amap, mask, folder / f"{stem}.png")
         return written
 
     def _on_batch_end(self, trainer: Any, outputs: Any) -> None:  # noqa: ANN401
-        if self.output_dir is None:
-            self.output_dir = Path(trainer.default_root_dir) / "anomaly_maps"
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        folder = self.output_dir or Path(trainer.default_root_dir) / "anomaly_maps"
+        folder.mkdir(parents=True, exist_ok=True)
         with torch.no_grad():
-            self.write(outputs)
+            self.write(outputs, folder)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001, D102
         del pl_module, batch, batch_idx, dataloader_idx

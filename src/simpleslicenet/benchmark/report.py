@@ -10,7 +10,7 @@ import pandas as pd
 from simpleslicenet.atomic import atomic_path, atomic_write_text
 from simpleslicenet.training.selection import PROTOCOL_LABEL
 
-__all__ = ["TABLE_COLUMNS", "results_frame", "summary_table", "write_report"]
+__all__ = ["TABLE_COLUMNS", "breakdown_frame", "results_frame", "summary_table", "write_report"]
 
 # (column in the results frame, header in the table, digits)
 TABLE_COLUMNS = [
@@ -20,6 +20,8 @@ TABLE_COLUMNS = [
     ("voxel_maxDice", "max Dice (upper bound)", 3),
     ("slice_AUROC", "slice AUROC", 3),
     ("volume_AUROC", "volume AUROC", 3),
+    ("lesion_detection", "lesions ≥ 1 ml found", 2),
+    ("lesion_FPclusters", "false clusters / healthy vol.", 2),
     ("inference_seconds_per_volume", "infer s/vol", 3),
     ("fit_seconds", "fit s", 0),
     ("peak_ram_mb", "peak RAM MB", 0),
@@ -41,6 +43,20 @@ def results_frame(results: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def breakdown_frame(results: list[dict]) -> pd.DataFrame:
+    """One row per (run, lesion group) of the runs' :class:`~simpleslicenet.metrics.breakdown.MetricBreakdown`.
+
+    The ``dataset`` column names the group too (``phantom · family: small``), so :func:`summary_table`
+    compares the models within each group.
+    """
+    frame = results_frame(results)
+    rows = []
+    for result, (_, row) in zip(results, frame.iterrows(), strict=True):
+        for group, values in (result.get("breakdown") or {}).items():
+            rows.append({"dataset": f"{row['dataset']} · {group}", "label": row["label"], "seed": row.get("seed"), **values})
+    return pd.DataFrame(rows)
+
+
 def summary_table(frame: pd.DataFrame) -> str:
     """Markdown table, one line per (dataset, model): mean ± std over seeds, best accuracy in bold."""
     columns = [c for c in TABLE_COLUMNS if c[0] in frame.columns]
@@ -48,7 +64,7 @@ def summary_table(frame: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     groups = frame.groupby(["dataset", "label"], sort=False)
     best = {}
-    accuracy = {key for key, _name, _digits in TABLE_COLUMNS[:6]}  # higher is better
+    accuracy = {key for key, _name, _digits in TABLE_COLUMNS[:7]}  # higher is better
     for key, _name, _digits in (c for c in columns if c[0] in accuracy):
         means = groups[key].mean()
         best.update({(ds, key): means.xs(ds).max() for ds in means.index.get_level_values(0)})
@@ -143,6 +159,12 @@ def write_report(
         "'Dice @ val thr.' uses the threshold that maximised Dice on the validation split (the honest figure); "
         "'max Dice' picks the best threshold on the test set itself and is an upper bound.\n"
     )
+    groups = breakdown_frame(results)
+    if not groups.empty:
+        text += (
+            "\n## By lesion family and lesion size\n\nEach group is its lesion volumes against every healthy test "
+            "volume; sizes are a volume's total lesion volume.\n\n" + summary_table(groups)
+        )
     if failures:
         text += "\nFailed runs (retried on the next call):\n" + "".join(
             f"- {f['dataset']} / {f['label']} / seed {f['seed']}: {f['error']} (log: {f['log']})\n" for f in failures

@@ -55,6 +55,7 @@ def run_single(spec: dict, out_dir: Path) -> dict:
     from lightning.pytorch import seed_everything
 
     from simpleslicenet.benchmark.callbacks import ExampleDrawer, InferenceTimer
+    from simpleslicenet.metrics.breakdown import MetricBreakdown
     from simpleslicenet.models.registry import create_model
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -64,7 +65,8 @@ def run_single(spec: dict, out_dir: Path) -> dict:
     model = create_model(spec["model"], **{"visualizer": False, **spec["model_args"]})
     timer = InferenceTimer()
     example = ExampleDrawer(out_dir / "example.png", spec["label"])
-    callbacks = [timer, example]
+    breakdown = MetricBreakdown()
+    callbacks = [timer, example, breakdown]
     if spec.get("select_checkpoint"):
         from simpleslicenet.training.selection import ValidationSliceAUROCCheckpoint
 
@@ -94,6 +96,7 @@ def run_single(spec: dict, out_dir: Path) -> dict:
     return {
         **spec,
         "metrics": {name: float(value) for name, value in metrics.items()},
+        "breakdown": breakdown.results(),
         "val_threshold": model.dice_threshold,
         "checkpoint": str(Path(checkpoint).relative_to(out_dir)) if checkpoint else None,
         "fit_seconds": fit_seconds,

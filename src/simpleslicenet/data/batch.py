@@ -76,6 +76,20 @@ class VolumeBatch(ImageBatch):
                 start = row
         return out
 
+    def rows(self, rows: slice) -> VolumeBatch:
+        """The batch of ``rows`` only (e.g. one volume of :meth:`volumes`), every per-row field cut alike."""
+        cut = {}
+        for f in fields(VolumeBatch):
+            value = getattr(self, f.name)
+            if value is None or not isinstance(value, torch.Tensor | list) or len(value) != self.batch_size:
+                cut[f.name] = value
+            elif isinstance(value, torch.Tensor):
+                part = value[rows].as_subclass(torch.Tensor)
+                cut[f.name] = Image(part) if f.name == "image" else Mask(part) if f.name == "gt_mask" else part
+            else:
+                cut[f.name] = value[rows]
+        return VolumeBatch(**cut)
+
     @classmethod
     def collate(cls, items: list) -> VolumeBatch:
         """Concatenate whole volumes (each already a :class:`VolumeBatch`) along the slice axis."""

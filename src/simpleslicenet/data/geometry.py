@@ -98,6 +98,11 @@ class VolumeGeometry:
     path: str = ""
     file_shape: tuple[int, int, int] | None = None
 
+    @property
+    def voxel_ml(self) -> float:
+        """Volume of one model-grid voxel in millilitres (cm³)."""
+        return abs(float(np.linalg.det(np.asarray(self.canonical_affine)[:3, :3]))) / 1000.0
+
     def to_scan(self, model_map: np.ndarray, fill: float | None = None) -> np.ndarray:
         """A model-grid array ``[D, H, W]`` back on the scan's canonical grid ``(x, y, z)``.
 

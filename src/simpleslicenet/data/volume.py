@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from simpleslicenet.data.geometry import VolumeGeometry, crop_or_pad, crop_start_for
+from simpleslicenet.data.geometry import VolumeGeometry, brain_bounding_box, crop_or_pad, crop_start_for
 from simpleslicenet.data.nifti import VolumeError, check_voxel_count, read_mask, read_nifti
 from simpleslicenet.records import SettingsRecord
 
@@ -33,7 +33,7 @@ __all__ = [
 
 INTENSITY_MODES = ("percentile", "minmax", "minmax_crop")
 BRAIN_MASK_SOURCES = ("auto", "intensity")
-CROP_MODES = ("brain", "fixed")
+CROP_MODES = ("brain", "fixed", "whole_brain")
 # The authors' slab on the 1 mm MNI grid: 96 axial slices from slice 24 (24–119), in-plane centre crop.
 AUTHORS_FIRST_SLICE = 24
 
@@ -52,9 +52,11 @@ class VolumePreprocessing(SettingsRecord):
         brain_mask: ``"auto"`` (the scan's brain-mask file when there is one, else derived from
             intensities) or ``"intensity"`` (always derived).
         modality: Contrast of the scans (``"t1"``, ``"t2"``, ``"flair"`` …), when known.
-        crop: ``"brain"`` (the grid centred on the brain's bounding box) or ``"fixed"`` (the authors'
+        crop: ``"brain"`` (the grid centred on the brain's bounding box), ``"fixed"`` (the authors'
             slab for scans registered to MNI: axial slices from ``first_slice`` on, in-plane centre
-            of the array), so every scan gives the same anatomical box.
+            of the array, so every scan gives the same anatomical box) or ``"whole_brain"`` (in-plane
+            as ``"brain"``, axially every slice the brain reaches: the slice count follows each
+            scan's brain and ``target_shape[2]`` is not used, so no part of the brain goes unscored).
         first_slice: First axial slice of the ``"fixed"`` crop (the authors' 24 on the 1 mm MNI grid).
 
     Raises:
@@ -97,10 +99,18 @@ class VolumePreprocessing(SettingsRecord):
             raise ValueError(msg)
         object.__setattr__(self, "first_slice", int(self.first_slice))
 
+    def grid_shape(self, brain: np.ndarray) -> tuple[int, int, int]:
+        """The model grid of a scan whose brain mask is ``brain``: ``target_shape``, or with
+        ``crop="whole_brain"`` its axial size replaced by the brain's extent."""
+        if self.crop != "whole_brain":
+            return self.target_shape
+        lo, hi = brain_bounding_box(brain)
+        return (*self.target_shape[:2], int(hi[2] - lo[2]))
+
     def crop_start(self, shape: tuple[int, int, int], brain: np.ndarray) -> tuple[int, int, int]:
         """Where the model grid starts in a canonical array of ``shape`` (may be negative: padding)."""
-        if self.crop == "brain":
-            return crop_start_for(shape, self.target_shape, brain)
+        if self.crop in ("brain", "whole_brain"):
+            return crop_start_for(shape, self.grid_shape(brain), brain)
         x, y = ((n - t) // 2 for n, t in zip(shape[:2], self.target_shape[:2], strict=True))
         return (x, y, self.first_slice)
 
@@ -194,10 +204,10 @@ def load_volume(
     if prep.intensity != "minmax_crop":
         image = scale_intensity(image, brain, mode=prep.intensity)
     if prep.target_shape is not None:
-        start = prep.crop_start(image.shape, brain)
-        image = crop_or_pad(image, start, prep.target_shape)
-        brain = crop_or_pad(brain, start, prep.target_shape)
-        lesion = crop_or_pad(lesion, start, prep.target_shape) if lesion is not None else None
+        start, grid = prep.crop_start(image.shape, brain), prep.grid_shape(brain)
+        image = crop_or_pad(image, start, grid)
+        brain = crop_or_pad(brain, start, grid)
+        lesion = crop_or_pad(lesion, start, grid) if lesion is not None else None
         geometry.crop_start = start
     if prep.intensity == "minmax_crop":
         image = scale_intensity(image, brain, mode="minmax")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from anomalib.metrics import AnomalibMetric, Evaluator
 
 from simpleslicenet.metrics.histogram import DEFAULT_NUM_BINS
+from simpleslicenet.metrics.lesion import LesionDetection, LesionFalseClusters
 from simpleslicenet.metrics.slice import SliceAUPRC, SliceAUROC
 from simpleslicenet.metrics.volume import VolumeAUPRC, VolumeAUROC
 from simpleslicenet.metrics.voxel import (
@@ -37,7 +38,9 @@ def volume_test_metrics(
     """The standard test metrics for volumes.
 
     ``voxel_AUROC``, ``voxel_AUPRC`` (brain voxels pooled), ``voxel_maxDice`` (best global threshold,
-    an upper bound), ``slice_AUROC``, ``slice_AUPRC``, ``volume_AUROC``, ``volume_AUPRC``.
+    an upper bound), ``slice_AUROC``, ``slice_AUPRC``, ``volume_AUROC``, ``volume_AUPRC``; with a
+    validation threshold also ``voxel_valDice``, ``lesion_detection`` (lesions of 1 ml or more found)
+    and ``lesion_FPclusters`` (false clusters per healthy volume), see :mod:`.lesion`.
 
     Args:
         prefix: Put in front of every name.
@@ -55,6 +58,7 @@ def volume_test_metrics(
     ]
     if val_threshold is not None:
         metrics.append(VoxelDiceAtThreshold(threshold=val_threshold, **voxel))
+        metrics += [LesionDetection(threshold=val_threshold, **voxel), LesionFalseClusters(threshold=val_threshold, **voxel)]
     metrics += [
         SliceAUROC(prefix=prefix),
         SliceAUPRC(prefix=prefix),

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,10 +33,12 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "OFFLINE_IMAGENET_BACKBONES",
+    "PAPER_FEATURE_GRID",
     "BackboneWeightsError",
     "apply_imagenet_weights",
     "create_feature_extractor",
     "imagenet_pre_processor",
+    "layers_for_slice_size",
     "load_imagenet_state_dict",
     "load_state_into",
     "load_weights_file",
@@ -262,6 +265,28 @@ def resolve_out_indices(backbone: str, layers: Sequence[str | int] | None) -> tu
             msg = f"layer {layer!r} is not a feature stage of {backbone}; choose from {names} or their indices"
             raise ValueError(msg)
     return tuple(indices)
+
+
+# The paper's stride-8/16 stages give 24x24 locations on its 192x192 slices.
+PAPER_FEATURE_GRID = 24
+
+
+def layers_for_slice_size(backbone: str, slice_size: Sequence[int], grid: int = PAPER_FEATURE_GRID) -> list[str]:
+    """Two consecutive stages (by module name) whose finer one gives about ``grid`` locations per side.
+
+    Stages below stride 4 are never chosen: their features are edges, not tissue. On 192x192 slices
+    this gives the paper's stride-8/16 stages, on 96x96 slices the stride-4/8 ones.
+
+    Args:
+        backbone: timm model name.
+        slice_size: ``(height, width)`` of the slices the model meets.
+        grid: Wanted locations per side.
+    """
+    side = math.sqrt(float(slice_size[0]) * float(slice_size[1]))
+    infos = timm.create_model(backbone, pretrained=False, features_only=True).feature_info.get_dicts()
+    candidates = [index for index in range(len(infos) - 1) if infos[index]["reduction"] >= 4]
+    best = min(candidates, key=lambda index: abs(math.log(side / infos[index]["reduction"] / grid)))
+    return [infos[best]["module"], infos[best + 1]["module"]]
 
 
 def _drop_unused_stages(extractor: nn.Module) -> None:

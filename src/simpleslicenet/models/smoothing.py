@@ -58,11 +58,13 @@ def gaussian_matrix(
     truncate: float = 3.0,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    mode: str = "nearest",
 ) -> torch.Tensor:
-    """``[size, size]`` matrix of a 1-D Gaussian with replicate padding: row ``i`` weighs the inputs of output ``i``.
+    """``[size, size]`` matrix of a 1-D Gaussian: row ``i`` weighs the inputs of output ``i``.
 
-    Equal to convolving the replicate-padded signal with :func:`gaussian_kernel_1d` (``scipy.ndimage``'s
-    ``mode="nearest"``): taps that fall beyond an end are added to the end voxel.
+    Equal to convolving the padded signal with :func:`gaussian_kernel_1d`, padded as ``scipy.ndimage``
+    does: ``mode="nearest"`` adds taps beyond an end to the end voxel, ``mode="reflect"`` mirrors the
+    signal about its ends (``d c b a | a b c d | d c b a``).
 
     Args:
         size: Length of the axis.
@@ -70,11 +72,24 @@ def gaussian_matrix(
         truncate: Radius in standard deviations.
         device: Where to build it.
         dtype: Its data type.
+        mode: ``"nearest"`` or ``"reflect"``.
     """
     kernel = gaussian_kernel_1d(sigma, truncate, device=device, dtype=dtype)
     radius = kernel.numel() // 2
     offsets = torch.arange(-radius, radius + 1, device=device)
-    sources = (torch.arange(size, device=device)[:, None] + offsets[None, :]).clamp(0, size - 1)  # [size, taps]
+    sources = torch.arange(size, device=device)[:, None] + offsets[None, :]  # [size, taps]
+    if mode == "nearest":
+        sources = sources.clamp(0, size - 1)
+    elif mode == "reflect":
+        # The mirrored signal repeats every 2·size voxels. The remainder is taken in floating point
+        # (exact for these small integers), which the ONNX exporter translates (its integer one fails).
+        # No float(size): it would fix a dynamic slice count to the traced one.
+        position = sources.to(torch.float64)
+        folded = (position - (2 * size) * torch.floor(position / (2 * size))).to(sources.dtype)
+        sources = torch.where(folded >= size, 2 * size - 1 - folded, folded)
+    else:
+        msg = f"unknown padding mode {mode!r}: use 'nearest' or 'reflect'"
+        raise ValueError(msg)
     columns = torch.arange(size, device=device)
     # A comparison instead of scatter_add keeps the construction exportable with a dynamic size.
     hits = (sources[:, :, None] == columns[None, None, :]).to(dtype)  # [size, taps, size]
@@ -155,7 +170,13 @@ def gaussian_blur_3d(volume: torch.Tensor, sigma: float) -> torch.Tensor:
     return apply_separable(volume, matrices)
 
 
-def resize_and_blur(volume: torch.Tensor, size: Sequence[int], sigma: float) -> torch.Tensor:
+def resize_and_blur(
+    volume: torch.Tensor,
+    size: Sequence[int],
+    sigma: float,
+    truncate: float = 3.0,
+    mode: str = "nearest",
+) -> torch.Tensor:
     """Linear resize of the last ``len(size)`` axes to ``size``, then Gaussian smoothing there, in one pass.
 
     The same numbers as ``F.interpolate(mode="bilinear"/"trilinear", align_corners=False)`` followed by
@@ -166,12 +187,15 @@ def resize_and_blur(volume: torch.Tensor, size: Sequence[int], sigma: float) -> 
         volume: ``[..., n_1, ..., n_k]``.
         size: Output sizes ``(m_1, ..., m_k)``.
         sigma: Standard deviation of the smoothing in output voxels; ``0``: resizing only.
+        truncate: Radius of the Gaussian in standard deviations.
+        mode: Padding at the ends of each axis (see :func:`gaussian_matrix`).
     """
     axes = volume.shape[volume.dim() - len(size) :]
     matrices = []
     for in_size, out_size in zip(axes, size, strict=True):
         resize = linear_resize_matrix(in_size, out_size, device=volume.device, dtype=volume.dtype)
         if sigma > 0:
-            resize = gaussian_matrix(out_size, sigma, device=volume.device, dtype=volume.dtype) @ resize
+            blur = gaussian_matrix(out_size, sigma, truncate, device=volume.device, dtype=volume.dtype, mode=mode)
+            resize = blur @ resize
         matrices.append(resize)
     return apply_separable(volume, matrices)

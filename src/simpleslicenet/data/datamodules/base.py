@@ -128,7 +128,8 @@ class VolumeDataModule(AnomalibDataModule):
         intensity: ``"percentile"`` or ``"minmax"`` intensity scaling.
         brain_mask: ``"auto"`` (brain-mask files where present) or ``"intensity"``.
         modality: Contrast of the scans, recorded with the model (``None``: unknown).
-        crop: ``"brain"`` (grid centred on the brain) or ``"fixed"`` (the authors' MNI slab from ``first_slice``).
+        crop: ``"brain"`` (grid centred on the brain), ``"fixed"`` (the authors' MNI slab from ``first_slice``)
+            or ``"whole_brain"`` (every slice the brain reaches; the slice count varies by scan).
         first_slice: First axial slice of the ``"fixed"`` crop.
         val_fraction: Share of test volumes moved to validation when the data has no validation split.
         train_batch_size: Volumes per training batch (a batch holds all their slices).

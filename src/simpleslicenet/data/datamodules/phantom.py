@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ import pandas as pd
 from simpleslicenet.data.datamodules.base import VolumeDataModule
 from simpleslicenet.data.phantom import generate_phantom_dataset, read_manifest, subject_files
 from simpleslicenet.data.phantom.contrasts import check_contrast
+from simpleslicenet.data.phantom.lesions import check_families
 
 __all__ = ["BrainPhantom", "default_cache_dir"]
 
@@ -50,6 +52,11 @@ class BrainPhantom(VolumeDataModule):
             model like any datamodule's spacing, so a trained model resamples new scans to it.
         target_shape: Model grid ``(x, y, z)``; the default suits 2 mm volumes and quick runs.
         train_fraction: Share of healthy subjects used for training.
+        lesion_families: Lesion families of the lesion subjects, taken in turn: ``"tumour"`` (1–3
+            tumours with oedema and mass effect), ``"small"`` (one of about 1–4 cm³), ``"multifocal"``
+            (4–10 MS-like white-matter foci of 3–10 mm), ``"hypointense"`` (stroke-like, darker than
+            the tissue). Each test volume's family and lesion volume are in the ``lesion_family``
+            and ``lesion_volume_ml`` columns of its samples.
         progress: Show a progress bar while generating.
         **kwargs: The other :class:`~simpleslicenet.data.datamodules.base.VolumeDataModule` arguments
             (``intensity``, ``brain_mask``: the generated masks by default, ``val_fraction``, loaders).
@@ -65,10 +72,12 @@ class BrainPhantom(VolumeDataModule):
         spacing_mm: float = 2.0,
         target_shape: tuple[int, int, int] = (96, 96, 48),
         train_fraction: float = 2 / 3,
+        lesion_families: Sequence[str] = ("tumour",),
         progress: bool = True,
         **kwargs,
     ) -> None:
         modality = check_contrast(modality)
+        families = check_families(lesion_families)
         if n_healthy < 2:
             msg = f"BrainPhantom needs at least 2 healthy subjects (training and normal test), got {n_healthy}"
             raise ValueError(msg)
@@ -80,6 +89,8 @@ class BrainPhantom(VolumeDataModule):
             raise ValueError(msg)
         if root is None:
             tag = f"{modality}_{spacing_mm:g}mm_seed{seed}_{n_healthy}h{n_lesion}l"
+            if families != ("tumour",):
+                tag += "_" + "-".join(families)
             root = default_cache_dir() / "phantom" / tag
         super().__init__(
             root=root,
@@ -92,6 +103,7 @@ class BrainPhantom(VolumeDataModule):
         self.n_healthy = int(n_healthy)
         self.n_lesion = int(n_lesion)
         self.train_fraction = float(train_fraction)
+        self.lesion_families = families
         self.progress = progress
         self.category = f"phantom_{modality}"
 
@@ -105,6 +117,7 @@ class BrainPhantom(VolumeDataModule):
             seed=self.seed,
             spacing_mm=self.preprocessing.spacing_mm,
             progress=self.progress,
+            lesion_families=self.lesion_families,
         )
 
     def make_samples(self) -> pd.DataFrame:
@@ -131,6 +144,9 @@ class BrainPhantom(VolumeDataModule):
                     "brain_mask_path": str(files["brainmask"]),
                     "label_index": int(is_lesion),
                     "split": "train" if entry["index"] in train else "test",
+                    # Manifests written before families existed hold tumours only.
+                    "lesion_family": (entry.get("family") or "tumour") if is_lesion else "none",
+                    "lesion_volume_ml": float(entry.get("lesion_volume_ml", 0.0)),
                 }
             )
         return pd.DataFrame(rows)

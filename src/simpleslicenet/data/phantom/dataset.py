@@ -26,6 +26,7 @@ import numpy as np
 
 from simpleslicenet.data.phantom.contrasts import check_contrast
 from simpleslicenet.data.phantom.generator import PhantomOptions, PhantomSubject, generate_subject
+from simpleslicenet.data.phantom.lesions import check_families
 from simpleslicenet.data.phantom.templates import TEMPLATE_NAME, load_tissue_template
 from simpleslicenet.atomic import atomic_write_text
 from simpleslicenet.data.nifti import save_nifti_atomic
@@ -43,6 +44,7 @@ MANIFEST_NAME = "manifest.json"
 FORMAT = "simpleslicenet-phantom"
 # Bump whenever the generator's output changes for the same parameters: old folders are then redone.
 GENERATOR_VERSION = 1
+DEFAULT_FAMILIES = ("tumour",)
 
 
 def subject_id(index: int) -> str:
@@ -106,6 +108,7 @@ def _parameters(
     seed: int,
     spacing_mm: float,
     options: PhantomOptions,
+    families: tuple[str, ...],
 ) -> dict:
     # A JSON round trip turns tuples into lists, so manifests compare equal to freshly built parameters.
     parameters = {
@@ -117,6 +120,8 @@ def _parameters(
         "spacing_mm": spacing_mm,
         "options": asdict(options),
     }
+    if families != DEFAULT_FAMILIES:  # tumour-only phantoms keep the manifests they always had
+        parameters["lesion_families"] = list(families)
     return json.loads(json.dumps(parameters))
 
 
@@ -149,6 +154,7 @@ def generate_phantom_dataset(
     spacing_mm: float = 1.0,
     options: PhantomOptions | None = None,
     progress: bool = True,
+    lesion_families: tuple[str, ...] | list[str] = ("tumour",),
 ) -> Path:
     """Generate (or reuse) a phantom dataset in ``root``.
 
@@ -165,21 +171,25 @@ def generate_phantom_dataset(
         spacing_mm: Isotropic voxel size (1.0: the MNI152 grid, 197×233×189 voxels).
         options: Anatomy, scanner and lesion settings (defaults when ``None``).
         progress: Show a progress bar.
+        lesion_families: Families of the lesion subjects, taken in turn (the ``k``-th lesion subject
+            gets ``lesion_families[k % len(lesion_families)]``); see
+            :data:`~simpleslicenet.data.phantom.lesions.LESION_FAMILIES`.
 
     Returns:
         ``root`` as a :class:`~pathlib.Path`.
 
     Raises:
-        ValueError: Unknown contrast, negative counts, no subjects at all, or a bad spacing.
+        ValueError: Unknown contrast or family, negative counts, no subjects at all, or a bad spacing.
     """
     contrast = check_contrast(contrast)
+    families = check_families(lesion_families)
     if n_healthy < 0 or n_lesion < 0 or n_healthy + n_lesion == 0:
         msg = f"need a non-negative number of healthy and lesion subjects, not both zero (got {n_healthy}, {n_lesion})"
         raise ValueError(msg)
     options = options or PhantomOptions()
     template = load_tissue_template(spacing_mm)  # also validates the spacing
     root = Path(root)
-    parameters = _parameters(int(n_healthy), int(n_lesion), contrast, int(seed), float(spacing_mm), options)
+    parameters = _parameters(int(n_healthy), int(n_lesion), contrast, int(seed), float(spacing_mm), options, families)
 
     previous = read_manifest(root)
     if previous is not None and previous.get("parameters") == parameters and _complete(root, previous):
@@ -191,6 +201,7 @@ def generate_phantom_dataset(
         (root / MANIFEST_NAME).unlink(missing_ok=True)
 
     labels = [False] * n_healthy + [True] * n_lesion
+    family_of = {n_healthy + k: families[k % len(families)] for k in range(n_lesion)}
     indices = range(len(labels))
     if progress:
         from tqdm.auto import tqdm
@@ -198,16 +209,20 @@ def generate_phantom_dataset(
         indices = tqdm(indices, desc=f"phantom {contrast} {spacing_mm:g} mm", unit="subject")
     subjects = []
     for index in indices:
-        subject = generate_subject(index, labels[index], contrast, seed, spacing_mm, options)
+        subject = generate_subject(
+            index, labels[index], contrast, seed, spacing_mm, options, family=family_of.get(index, "tumour")
+        )
         write_subject(subject, root)
         subjects.append(
             {
                 "index": index,
                 "id": subject_id(index),
                 "label": "lesion" if labels[index] else "healthy",
+                "family": subject.family,
                 "files": {k: str(p.relative_to(root)) for k, p in subject_files(root, index, contrast).items()},
                 "brain_voxels": int(subject.brain_mask.sum()),
                 "lesion_voxels": int(subject.seg.sum()),
+                "lesion_volume_ml": round(int(subject.seg.sum()) * subject.spacing_mm**3 / 1000.0, 4),
                 "intensities": subject.intensities,
                 "noise_std": subject.noise_std,
                 "lesions": subject.lesions,

@@ -30,8 +30,10 @@ from torch.nn import functional as F  # noqa: N812
 from simpleslicenet.data.phantom.contrasts import check_contrast, draw_intensities
 from simpleslicenet.data.phantom.fields import ControlGrid
 from simpleslicenet.data.phantom.lesions import (
+    LESION_FAMILIES,
     MASS_EFFECT_REACH,
     LesionOptions,
+    check_families,
     lesion_box,
     mass_effect,
     paint_lesion,
@@ -40,6 +42,9 @@ from simpleslicenet.data.phantom.lesions import (
 from simpleslicenet.data.phantom.templates import TissueTemplate, load_tissue_template
 
 __all__ = ["PhantomOptions", "PhantomSubject", "generate_subject"]
+
+# White-matter foci are centred where the (warped) template's white-matter probability reaches this.
+WHITE_MATTER_PROBABILITY = 0.8
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,8 @@ class PhantomSubject:
         brain_mask: Brain mask (uint8).
         affine: Voxel-to-world affine (mm).
         spacing_mm: Voxel size.
-        lesions: One manifest entry per lesion (centre, radii, mass effect, voxel count).
+        lesions: One manifest entry per lesion (centre, radii, mass effect, voxel count, volume).
+        family: Lesion family of a lesion subject (see :data:`~.lesions.LESION_FAMILIES`), else ``None``.
         intensities: Mean intensity of each tissue and lesion compartment.
         noise_std: Standard deviation of the Gaussian components of the Rician noise.
     """
@@ -100,6 +106,7 @@ class PhantomSubject:
     lesions: list[dict]
     intensities: dict[str, float]
     noise_std: float
+    family: str | None = None
 
     @property
     def has_lesion(self) -> bool:
@@ -227,22 +234,26 @@ def generate_subject(
     seed: int = 0,
     spacing_mm: float = 1.0,
     options: PhantomOptions | None = None,
+    family: str = "tumour",
 ) -> PhantomSubject:
     """Generate one subject in memory.
 
     Args:
         index: Subject index; with ``seed`` it determines the subject completely.
-        lesion: Add 1–3 tumour-like lesions (see :class:`~simpleslicenet.data.phantom.lesions.LesionOptions`).
+        lesion: Add lesions of ``family``: by default 1–3 tumour-like ones (see
+            :class:`~simpleslicenet.data.phantom.lesions.LesionOptions`).
         contrast: ``"t1"``, ``"t1ce"``, ``"t2"`` or ``"flair"``.
         seed: Seed of the whole phantom.
         spacing_mm: Isotropic voxel size; 1.0 is the template's native grid (197×233×189).
-        options: Anatomy, scanner and lesion settings (defaults when ``None``).
+        options: Anatomy, scanner and lesion settings (defaults when ``None``); ``options.lesions``
+            shapes the ``"tumour"`` family.
+        family: One of :data:`~simpleslicenet.data.phantom.lesions.LESION_FAMILIES`.
 
     Returns:
         The subject's image, lesion mask, brain mask, affine and description.
 
     Raises:
-        ValueError: Unknown contrast or a spacing outside 0.5–8 mm.
+        ValueError: Unknown contrast or family, or a spacing outside 0.5–8 mm.
 
     Example:
         >>> from simpleslicenet.data.phantom import generate_subject
@@ -251,6 +262,8 @@ def generate_subject(
         ((50, 59, 48), True)
     """
     contrast = check_contrast(contrast)
+    (family,) = check_families(family)
+    kind = LESION_FAMILIES[family]
     options = options or PhantomOptions()
     template = load_tissue_template(spacing_mm)
     shape = template.shape
@@ -265,7 +278,10 @@ def generate_subject(
     # Trilinear sampling is linear, so mixing the tissue maps first and warping once equals warping
     # each map and mixing afterwards, at a third of the cost.
     mixed = tissue.csf * template.csf + tissue.gm * template.gm + tissue.wm * template.wm
-    source = torch.from_numpy(np.stack([mixed.astype(np.float32), template.brain]))[None]
+    maps = [mixed.astype(np.float32), template.brain]
+    if lesion and kind.white_matter:
+        maps.append(template.wm.astype(np.float32))  # warped with the anatomy, to place foci in it
+    source = torch.from_numpy(np.stack(maps))[None]
     warped = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
 
     image = np.zeros(shape, dtype=np.float32)
@@ -276,7 +292,12 @@ def generate_subject(
     lesion_entries: list[dict] = []
 
     if lesion:
-        lesions = place_lesions(lesion_rng, brain, template.spacing_mm, options.lesions)
+        white_matter = None
+        if kind.white_matter:
+            white_matter = np.zeros(shape, dtype=bool)
+            white_matter[box] = warped[2].numpy() >= WHITE_MATTER_PROBABILITY
+        lesion_options = options.lesions if family == "tumour" else kind.options
+        lesions = place_lesions(lesion_rng, brain, template.spacing_mm, lesion_options, centres_in=white_matter)
         reached = []
         for item in lesions:
             overlap = _local(lesion_box(item.centre, MASS_EFFECT_REACH * item.radius, shape), box)
@@ -291,10 +312,11 @@ def generate_subject(
             image[region] = pushed[0, 0].numpy()
         for item in lesions:
             painted_box = lesion_box(item.centre, item.radius + 1.0, shape)
-            own = paint_lesion(image, item, tissue.as_dict(), painted_box) & brain[painted_box]
+            own = paint_lesion(image, item, tissue.as_dict(), painted_box, kind.style) & brain[painted_box]
             seg[painted_box] |= own
             entry = item.describe(template.affine, template.spacing_mm)
             entry["voxels"] = int(own.sum())
+            entry["volume_ml"] = round(entry["voxels"] * template.spacing_mm**3 / 1000.0, 4)
             lesion_entries.append(entry)
 
     bias = ControlGrid.random(scanner_rng, shape, options.bias_grid_mm / template.spacing_mm, options.bias_strength)
@@ -317,4 +339,5 @@ def generate_subject(
         lesions=lesion_entries,
         intensities=tissue.as_dict(),
         noise_std=round(noise_std, 3),
+        family=family if lesion else None,
     )

@@ -1,4 +1,4 @@
-"""Tumour-like lesions: irregular 3-D blobs with a core and surrounding oedema, and their mass effect.
+"""Lesions: irregular 3-D blobs in four families (tumours, small tumours, MS-like foci, dark lesions).
 
 A lesion is a star-shaped blob around its centre: its boundary radius in direction ``n`` is a nominal
 radius shrunk by a smooth random function of ``n`` (a few random plane waves evaluated on the unit
@@ -8,6 +8,11 @@ solid core and, often, a necrotic centre, each with its own outline. The whole l
 
 Before a lesion is painted, its mass effect pushes the surrounding tissue radially outward: tissue
 inside the lesion is compressed towards its border and the displacement fades to zero at 2.5 radii.
+
+Besides tumours, :data:`LESION_FAMILIES` names the lesions real cohorts also hold (see
+:class:`LesionFamily`): single small tumours of about 1–4 cm³, multifocal white-matter foci of 3–10 mm
+(MS-like, one compartment of the contrast's oedema intensity) and hypointense lesions (stroke-like:
+the tissue underneath darkened, whatever the contrast).
 """
 
 from __future__ import annotations
@@ -17,7 +22,17 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["Lesion", "LesionOptions", "place_lesions", "mass_effect", "paint_lesion", "lesion_box"]
+__all__ = [
+    "LESION_FAMILIES",
+    "Lesion",
+    "LesionFamily",
+    "LesionOptions",
+    "check_families",
+    "lesion_box",
+    "mass_effect",
+    "paint_lesion",
+    "place_lesions",
+]
 
 # Mass effect reaches this many nominal radii from the centre.
 MASS_EFFECT_REACH = 2.5
@@ -49,6 +64,74 @@ class LesionOptions:
     push_fraction: tuple[float, float] = (0.1, 0.3)
     oedema_opacity: tuple[float, float] = (0.65, 0.9)
     margin_mm: float = 2.0
+
+
+LESION_STYLES = ("tumour", "focal", "hypointense")
+
+
+@dataclass(frozen=True)
+class LesionFamily:
+    """A kind of lesion: how many, how large, where, and how it is painted.
+
+    Args:
+        options: Counts, sizes and the other ranges. For ``"hypointense"`` lesions ``oedema_opacity``
+            is the share of the tissue's intensity taken away (0.4: 40% darker).
+        style: ``"tumour"`` (oedema, core and often necrosis, with the contrast's lesion intensities),
+            ``"focal"`` (one compartment of the contrast's oedema intensity: bright in T2 and FLAIR,
+            dark in T1) or ``"hypointense"`` (the tissue underneath darkened).
+        white_matter: Place centres in white matter only (where its probability is at least 0.8).
+    """
+
+    options: LesionOptions
+    style: str = "tumour"
+    white_matter: bool = False
+
+    def __post_init__(self) -> None:
+        if self.style not in LESION_STYLES:
+            msg = f"unknown lesion style {self.style!r}: use one of {LESION_STYLES}"
+            raise ValueError(msg)
+
+
+LESION_FAMILIES: dict[str, LesionFamily] = {
+    "tumour": LesionFamily(LesionOptions()),
+    # One lesion of 6-10 mm nominal radius: about 1-4 cm³ once lobulated.
+    "small": LesionFamily(LesionOptions(count=(1, 1), radius_mm=(6.0, 10.0), push_fraction=(0.0, 0.1))),
+    # 3-10 mm across, several, in white matter, no mass effect.
+    "multifocal": LesionFamily(
+        LesionOptions(
+            count=(4, 10),
+            radius_mm=(1.5, 5.0),
+            irregularity=(0.1, 0.3),
+            necrosis_probability=0.0,
+            push_fraction=(0.0, 0.0),
+            oedema_opacity=(0.8, 1.0),
+            margin_mm=1.0,
+        ),
+        style="focal",
+        white_matter=True,
+    ),
+    "hypointense": LesionFamily(
+        LesionOptions(
+            count=(1, 2),
+            radius_mm=(6.0, 18.0),
+            irregularity=(0.3, 0.6),
+            necrosis_probability=0.0,
+            push_fraction=(0.0, 0.0),
+            oedema_opacity=(0.35, 0.6),
+        ),
+        style="hypointense",
+    ),
+}
+
+
+def check_families(families: object) -> tuple[str, ...]:
+    """``families`` as a tuple of known family names; raise ``ValueError`` naming the allowed ones."""
+    names = (families,) if isinstance(families, str) else tuple(families)
+    unknown = [name for name in names if name not in LESION_FAMILIES]
+    if not names or unknown:
+        msg = f"unknown lesion families {unknown or names!r}: choose from {', '.join(LESION_FAMILIES)}"
+        raise ValueError(msg)
+    return tuple(str(name) for name in names)
 
 
 @dataclass
@@ -157,6 +240,7 @@ def place_lesions(
     brain: np.ndarray,
     spacing_mm: float,
     options: LesionOptions,
+    centres_in: np.ndarray | None = None,
 ) -> list[Lesion]:
     """Draw lesions whose whole extent lies inside ``brain``, at least ``margin_mm`` from its edge.
 
@@ -168,6 +252,7 @@ def place_lesions(
         brain: Boolean brain mask of the subject ``(x, y, z)``.
         spacing_mm: Voxel size.
         options: Lesion options.
+        centres_in: Boolean mask the centres must lie in (e.g. white matter); ``None``: anywhere.
 
     Raises:
         ValueError: The brain mask cannot hold even the smallest lesion.
@@ -176,7 +261,10 @@ def place_lesions(
     coarse = np.pad(brain[::step, ::step, ::step], 1)  # outside the grid counts as outside the brain
     depth_mm = ndimage.distance_transform_edt(coarse)[1:-1, 1:-1, 1:-1] * (step * spacing_mm)
     slack_mm = step * spacing_mm * np.sqrt(3) / 2 + spacing_mm + options.margin_mm
-    inside = np.argwhere(depth_mm > 0)
+    allowed = depth_mm > 0
+    if centres_in is not None:
+        allowed &= centres_in[::step, ::step, ::step]
+    inside = np.argwhere(allowed)
     depths = depth_mm[tuple(inside.T)]
 
     lo_count, hi_count = options.count
@@ -255,6 +343,7 @@ def paint_lesion(
     lesion: Lesion,
     intensities: dict[str, float],
     box: tuple[slice, slice, slice],
+    style: str = "tumour",
 ) -> np.ndarray:
     """Paint one lesion into ``image[box]`` in place; return its boolean mask on the box.
 
@@ -266,6 +355,7 @@ def paint_lesion(
         lesion: The lesion.
         intensities: Mean intensity of ``oedema``, ``core`` and ``necrosis``.
         box: Voxels to paint; must contain the lesion's nominal sphere.
+        style: See :class:`LesionFamily`; ``"focal"`` and ``"hypointense"`` paint the outline only.
     """
     offsets = _box_offsets(box, lesion.centre)
     distance = np.linalg.norm(offsets, axis=-1)
@@ -284,6 +374,13 @@ def paint_lesion(
     region = image[box]
     tissue = region.copy()
     w_oedema = cover(outer)
+    if style == "hypointense":
+        image[box] = tissue * (1.0 - lesion.opacity * (1.0 + 0.06 * texture) * w_oedema)
+        return w_oedema >= 0.5
+    if style == "focal":
+        focus = lesion.opacity * intensities["oedema"] * (1.0 + 0.06 * texture) + (1.0 - lesion.opacity) * tissue
+        image[box] = tissue * (1.0 - w_oedema) + focus * w_oedema
+        return w_oedema >= 0.5
     oedema = lesion.opacity * intensities["oedema"] * (1.0 + 0.06 * texture) + (1.0 - lesion.opacity) * tissue
     region = tissue * (1.0 - w_oedema) + oedema * w_oedema
     w_core = cover(core)

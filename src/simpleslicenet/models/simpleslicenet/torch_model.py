@@ -61,6 +61,7 @@ class SimpleSliceNetModel(nn.Module):
         condition_dim: Size of the 2-D sinusoidal position code (paper: 128).
         depth_position: Append a sinusoidal code of the depth cell's centre slice to the condition.
         smoothing_sigma: Gaussian smoothing of the map in voxels (paper: 4).
+        map_order: Smooth the score or the log-likelihood (see :data:`.anomaly_map.MAP_ORDERS`).
         volumetric: What ``forward`` does in eval mode: one volume (``True``) or independent images.
         precision: ``"fp32"`` or ``"bf16"`` (slice encoder under bf16 autocast).
         channels_last: Channels-last layout for the backbone and its input.
@@ -84,6 +85,7 @@ class SimpleSliceNetModel(nn.Module):
         condition_dim: int = 128,
         depth_position: bool = False,
         smoothing_sigma: float = 4.0,
+        map_order: str = "smooth_then_score",
         volumetric: bool = True,
         precision: str = "fp32",
         channels_last: bool = False,
@@ -116,7 +118,7 @@ class SimpleSliceNetModel(nn.Module):
             blocks=flow_blocks,
             clamp=clamp,
         )
-        self.anomaly_map_generator = AnomalyMapGenerator(sigma=smoothing_sigma)
+        self.anomaly_map_generator = AnomalyMapGenerator(sigma=smoothing_sigma, order=map_order)
         self.compile_mode = compile_mode
         if compile_mode is not None:
             # In place (nn.Module.compile): parameters, state dict and every caller stay as they are.

@@ -1,0 +1,219 @@
+"""SimpleSliceNet's defaults and inference-time levers on the built-in phantom, over training seeds.
+
+Configurations, each trained once per seed on the phantom the stock command meets (``BrainPhantom()``'s
+defaults: 2 mm, 96x96x48, a fixed split):
+
+* ``plain``: ``SimpleSliceNet()``, what ``anomalib train --model SimpleSliceNet --data BrainPhantom``
+  builds (``layers`` and ``smoothing_sigma`` resolved from the data);
+* ``quick``: ``configs/model/simpleslicenet_phantom.yaml``, the README's main job;
+* ``paper loss``: the plain defaults with the paper's training settings instead of this package's
+  (push-pull loss, 4096 features per step, no depth conditioning): the defaults before they changed;
+* ``quick+whole_brain``: the quick configuration on every slice the brain reaches
+  (``BrainPhantom(crop="whole_brain")``) instead of the 48-slice slab.
+
+The first two are then tested through ``Engine.test`` (the model's own evaluator, threshold from
+validation) once per inference-time variant, on the same weights: the map order (the authors' smooth
+then score, the default, or score then smooth) and the volume score (maximum, or the mean of the top
+0.1% / 1% of brain voxels); the others with the defaults only. For healthy test volumes it also records
+where the hottest voxel sits along the slab, to show whether the first and last slices draw the
+maximum (a boundary artifact).
+
+    python benchmarks/accuracy_levers.py                 # 3 seeds, 6 epochs (about 30 min on 2 CPU cores)
+    python benchmarks/accuracy_levers.py --seeds 0 --epochs 1 --configurations plain   # a check that everything runs
+
+Prints a table (mean ± sample std over seeds) and writes ``benchmarks/results/accuracy_levers.json``.
+Run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "accuracy_levers.json"
+METRICS = {
+    "voxel_AUPRC": "voxel AUPRC",
+    "voxel_AUROC": "voxel AUROC",
+    "voxel_valDice": "Dice @ val thr.",
+    "voxel_maxDice": "max Dice",
+    "slice_AUROC": "slice AUROC",
+    "volume_AUROC": "volume AUROC",
+    "lesion_detection": "lesions ≥ 1 ml found",
+    "lesion_FPclusters": "false clusters / healthy vol.",
+}
+# (label, map order, volume score mode, top-k fraction); the first is the package's default.
+VARIANTS = [
+    ("smooth→score, max (default)", "smooth_then_score", "max", 0.001),
+    ("score→smooth, max", "score_then_smooth", "max", 0.001),
+    ("smooth→score, top 0.1% mean", "smooth_then_score", "topk_mean", 0.001),
+    ("smooth→score, top 1% mean", "smooth_then_score", "topk_mean", 0.01),
+]
+CONFIGURATIONS = ("plain", "quick", "paper loss", "quick+whole_brain")
+# The paper's training settings, the defaults of this model before they were changed on these results.
+PAPER_TRAINING = {"loss": "bgspp", "features_per_step": 4096, "depth_position": False}
+EDGE_SLICES = 3  # "at the slab's edge": the hottest voxel lies within this many slices of either end
+
+
+class HottestSlice(Callback):
+    """Lightning callback: the slab position of each healthy test volume's hottest brain voxel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.positions: list[tuple[int, int]] = []  # (slice of the maximum, slices in the slab)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001, D102
+        del trainer, pl_module, batch, batch_idx, dataloader_idx
+        for _, rows in outputs.volumes():
+            if int(outputs.volume_label[rows][0]) != 0:
+                continue
+            anomaly_map = outputs.anomaly_map[rows].squeeze(1) if outputs.anomaly_map.dim() == 4 else outputs.anomaly_map[rows]
+            brain = outputs.brain_mask[rows]
+            masked = torch.where(brain, anomaly_map, torch.full_like(anomaly_map, -torch.inf))
+            hottest = int(masked.flatten().argmax()) // (masked.shape[1] * masked.shape[2])
+            self.positions.append((hottest, masked.shape[0]))
+
+
+def _engine(root: Path, epochs: int, callbacks: list | None = None):  # noqa: ANN202
+    from anomalib.engine import Engine
+
+    return Engine(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=root,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+
+
+def _model(configuration: str):  # noqa: ANN202
+    from simpleslicenet.models import registry
+    from simpleslicenet.models.simpleslicenet import SimpleSliceNet
+
+    if configuration == "plain":
+        return SimpleSliceNet()
+    if configuration == "paper loss":
+        return SimpleSliceNet(**PAPER_TRAINING)
+    return SimpleSliceNet(**registry.config_init_args(registry.packaged_config("simpleslicenet_phantom.yaml")))
+
+
+def run(seeds: list[int], epochs: int, workdir: Path, configurations: list[str]) -> list[dict]:
+    """Train and test every configuration and variant; one record per (configuration, seed, variant)."""
+    from lightning.pytorch import seed_everything
+
+    from simpleslicenet.data.datamodules.phantom import BrainPhantom
+    from simpleslicenet.metrics.breakdown import MetricBreakdown
+    from simpleslicenet.models.scoring import VolumeScoring
+
+    records = []
+    for configuration in configurations:
+        datamodule = BrainPhantom(progress=False, crop="whole_brain" if configuration.endswith("whole_brain") else "brain")
+        for seed in seeds:
+            seed_everything(seed)
+            model = _model(configuration)
+            folder = workdir / f"{configuration.replace(' ', '_')}_seed{seed}"
+            engine = _engine(folder, epochs)
+            start = time.perf_counter()
+            engine.fit(model, datamodule=datamodule)
+            train_s = time.perf_counter() - start
+            for label, order, mode, fraction in VARIANTS if configuration in CONFIGURATIONS[:2] else VARIANTS[:1]:
+                model.model.anomaly_map_generator.order = order
+                model.scoring = VolumeScoring(mode, fraction)
+                hottest, breakdown = HottestSlice(), MetricBreakdown()
+                tester = _engine(folder, epochs, callbacks=[hottest, breakdown])
+                start = time.perf_counter()
+                (metrics,) = tester.test(model, datamodule=datamodule)
+                edge = [p < EDGE_SLICES or p >= depth - EDGE_SLICES for p, depth in hottest.positions]
+                record = {
+                    "configuration": configuration,
+                    "seed": seed,
+                    "variant": label,
+                    "layers": list(model.hparams["layers"] or []),
+                    "smoothing_sigma": float(model.hparams["smoothing_sigma"]),
+                    "train_s": round(train_s, 1),
+                    "test_s": round(time.perf_counter() - start, 1),
+                    "healthy_hottest_at_edge": sum(edge) / max(1, len(edge)),
+                    **{key: float(metrics[key]) for key in METRICS if key in metrics},
+                    "breakdown": breakdown.results(),
+                }
+                records.append(record)
+                print(json.dumps(record), flush=True)
+    return records
+
+
+def _summary(records: list[dict]) -> list[dict]:
+    rows = []
+    labels = [v[0] for v in VARIANTS]
+    keys = sorted(
+        {(r["configuration"], r["variant"]) for r in records},
+        key=lambda k: (CONFIGURATIONS.index(k[0]), labels.index(k[1])),
+    )
+    for configuration, variant in keys:
+        group = [r for r in records if r["configuration"] == configuration and r["variant"] == variant]
+        row = {"configuration": configuration, "variant": variant, "seeds": len(group)}
+        for key in [*METRICS, "healthy_hottest_at_edge", "train_s"]:
+            values = [r[key] for r in group if key in r]
+            if values:
+                row[key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+        rows.append(row)
+    return rows
+
+
+def _table(rows: list[dict]) -> str:
+    columns = [*METRICS, "healthy_hottest_at_edge"]
+    names = [*METRICS.values(), f"healthy max within {EDGE_SLICES} slices of an end"]
+    lines = ["| configuration | variant | " + " | ".join(names) + " |", "|" + "---|" * (len(columns) + 2)]
+    for row in rows:
+        cells = [f"{row[c][0]:.3f} ± {row[c][1]:.3f}" if c in row else "n/a" for c in columns]
+        lines.append(f"| {row['configuration']} | {row['variant']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--workdir", type=Path, default=ROOT / "results" / "accuracy_levers")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--configurations", nargs="+", choices=CONFIGURATIONS, default=list(CONFIGURATIONS))
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    records = run(args.seeds, args.epochs, args.workdir, args.configurations)
+    rows = _summary(records)
+    table = _table(rows)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    from simpleslicenet.atomic import atomic_write_text
+
+    atomic_write_text(
+        args.out,
+        json.dumps(
+            {
+                "command": " ".join(["python", "benchmarks/accuracy_levers.py", *(argv if argv is not None else sys.argv[1:])]),
+                "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads()},
+                "epochs": args.epochs,
+                "seeds": args.seeds,
+                "wall_s": round(time.perf_counter() - start, 1),
+                "records": records,
+                "summary": [{k: list(v) if isinstance(v, tuple) else v for k, v in row.items()} for row in rows],
+                "table": table,
+            },
+            indent=2,
+        ),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
