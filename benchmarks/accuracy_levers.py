@@ -132,6 +132,8 @@ def run(seeds: list[int], epochs: int, workdir: Path, configurations: list[str])
                 model.scoring = VolumeScoring(mode, fraction)
                 hottest, breakdown = HottestSlice(), MetricBreakdown()
                 tester = _engine(folder, epochs, callbacks=[hottest, breakdown])
+                # The Dice threshold is chosen again on validation maps made the same way as the test maps.
+                tester.validate(model, datamodule=datamodule)
                 start = time.perf_counter()
                 (metrics,) = tester.test(model, datamodule=datamodule)
                 edge = [p < EDGE_SLICES or p >= depth - EDGE_SLICES for p, depth in hottest.positions]

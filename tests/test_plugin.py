@@ -36,3 +36,25 @@ def test_register_makes_short_names_known_to_anomalib() -> None:
         "print(type(get_datamodule({'class_path': 'BrainPhantom', 'init_args': {'root': '.'}})).__name__)\n"
     )
     assert out.split() == ["SimpleSliceNet", "PatchcoreSlices", "BrainPhantom"]
+
+
+def test_cli_seed_true_draws_a_fresh_seed_and_an_integer_is_kept() -> None:
+    from simpleslicenet.plugin import _seed_before_instantiation
+
+    class FakeCLI:
+        def __init__(self, seed: object) -> None:
+            self.config = {"subcommand": "fit", "fit": {"seed_everything": seed}}
+
+        def before_instantiate_classes(self) -> None:
+            pass
+
+    _seed_before_instantiation(FakeCLI)
+    drawn = []
+    for _ in range(3):
+        cli = FakeCLI(True)
+        cli.before_instantiate_classes()
+        drawn.append(cli.config["fit"]["seed_everything"])
+    assert all(isinstance(seed, int) for seed in drawn) and len(set(drawn)) == 3  # not Lightning's fixed 0
+    cli = FakeCLI(5)
+    cli.before_instantiate_classes()
+    assert cli.config["fit"]["seed_everything"] == 5

@@ -21,6 +21,10 @@ Example:
 from __future__ import annotations
 
 import importlib
+import logging
+import random
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["register"]
 
@@ -62,8 +66,11 @@ def _seed_before_instantiation(cli_class: type) -> None:
         config = self.config.get(str(self.config.get("subcommand")), self.config)
         seed = config.get("seed_everything", True) if hasattr(config, "get") else True
         if seed is not False:
+            if seed is True:  # Lightning's seed_everything(None) would pick 0 every time, not a fresh seed
+                seed = random.SystemRandom().randrange(2**31)
+                logger.info("seed_everything: %d (pass --seed_everything %d to repeat this run)", seed, seed)
             # Models draw random weights at construction, so the seed must come before it.
-            config["seed_everything"] = seed_everything(None if seed is True else int(seed), workers=True)
+            config["seed_everything"] = seed_everything(int(seed), workers=True)
         original(self)
 
     before_instantiate_classes.seeds = True
