@@ -12,12 +12,13 @@ from conftest import PHANTOM_KWARGS, TINY_SIMPLESLICENET
 pytestmark = pytest.mark.slow
 
 
-def test_sweep_writes_report_and_resumes(phantom_root: Path, tmp_path: Path) -> None:
+def test_sweep_writes_report_and_resumes(phantom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from simpleslicenet.benchmark import load_sweep, run_sweep
 
+    monkeypatch.chdir(tmp_path)  # an output folder relative to the working folder, as the shipped sweeps have
     config = {
         "name": "tiny",
-        "output": str(tmp_path / "out"),
+        "output": "out",
         "seeds": [0],
         "trainer": {"accelerator": "cpu", "max_epochs": 1},
         "datasets": {
@@ -42,6 +43,9 @@ def test_sweep_writes_report_and_resumes(phantom_root: Path, tmp_path: Path) -> 
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| phantom | SimpleSliceNet |" in table and "| phantom | AE3D |" in table
     assert (tmp_path / "out" / "accuracy_vs_time.png").stat().st_size > 0
+    # Every run also reports its metrics by lesion family and size, and the report tables them.
+    assert results[0]["breakdown"]["family: tumour"]["lesion_volumes"] > 0
+    assert "## By lesion family and lesion size" in table and "| phantom · family: tumour | SimpleSliceNet |" in table
 
     # The sweep's numbers are anomalib's: testing the run's checkpoint with the Engine, as `anomalib test
     # --ckpt_path` does, gives the same metrics (the validation threshold travels in the checkpoint).

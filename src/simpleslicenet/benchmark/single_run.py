@@ -98,7 +98,8 @@ def run_single(spec: dict, out_dir: Path) -> dict:
         "metrics": {name: float(value) for name, value in metrics.items()},
         "breakdown": breakdown.results(),
         "val_threshold": model.dice_threshold,
-        "checkpoint": str(Path(checkpoint).relative_to(out_dir)) if checkpoint else None,
+        # Lightning gives an absolute path; a sweep's output folder is usually relative to the working folder.
+        "checkpoint": str(Path(checkpoint).resolve().relative_to(Path(out_dir).resolve())) if checkpoint else None,
         "fit_seconds": fit_seconds,
         "fit_seconds_per_volume_epoch": fit_seconds / max(1, n_train * engine.trainer.current_epoch),
         "epochs": engine.trainer.current_epoch,
