@@ -33,8 +33,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "benchmark" / "phantom_quick.yaml"
 RESULTS = ROOT / "benchmarks" / "results" / "edc_phantom.json"
@@ -52,12 +50,16 @@ QUICK_MODEL = {"flow_blocks": 2, "features_per_step": 256, "smoothing_sigma": 1.
 
 
 def _sweep_entry(config_path: Path) -> tuple[str, dict, dict, dict, list[int]]:
-    """Dataset class and args, SimpleSliceNet args, trainer and seeds from a sweep config."""
-    config = yaml.safe_load(config_path.read_text())
-    dataset = next(iter(config["datasets"].values()))
-    model = config["models"]["SimpleSliceNet"]
-    trainer = {**config.get("trainer", {}), **model.get("trainer", {})}
-    return dataset["class_path"], dict(dataset.get("init_args", {})), dict(model.get("init_args", {})), trainer, list(config["seeds"])
+    """Dataset class and args, SimpleSliceNet args (its packaged ``config`` included), trainer and seeds."""
+    from simpleslicenet.benchmark import load_sweep
+
+    runs = [run for run in load_sweep(config_path).runs if run.label == "SimpleSliceNet"]
+    if not runs:
+        msg = f"{config_path}: no SimpleSliceNet entry"
+        raise ValueError(msg)
+    first = runs[0]
+    seeds = sorted({run.seed for run in runs if run.dataset == first.dataset})
+    return first.dataset_class, dict(first.dataset_args), dict(first.model_args), dict(first.trainer), seeds
 
 
 def _fine_tune(dataset_class: str, dataset_args: dict, seed: int, out: Path, args: argparse.Namespace) -> dict:

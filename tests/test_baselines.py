@@ -9,9 +9,7 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from anomalib.data import InferenceBatch

@@ -24,7 +24,13 @@ def test_sweep_writes_report_and_resumes(phantom_root: Path, tmp_path: Path, mon
         "datasets": {
             "phantom": {
                 "class_path": "BrainPhantom",
-                "init_args": {"root": str(phantom_root), "target_shape": [32, 32, 16], "progress": False, **PHANTOM_KWARGS},
+                "init_args": {
+                    "root": str(phantom_root),
+                    "target_shape": [32, 32, 16],
+                    "progress": False,
+                    "calibration_fraction": 0.5,  # 2 of the 4 healthy training volumes
+                    **PHANTOM_KWARGS,
+                },
             }
         },
         "models": {"SimpleSliceNet": {"init_args": TINY_SIMPLESLICENET}, "AE3D": {"init_args": {"sigma": 1.0}}},
@@ -46,6 +52,14 @@ def test_sweep_writes_report_and_resumes(phantom_root: Path, tmp_path: Path, mon
     # Every run also reports its metrics by lesion family and size, and the report tables them.
     assert results[0]["breakdown"]["family: tumour"]["lesion_volumes"] > 0
     assert "## By lesion family and lesion size" in table and "| phantom · family: tumour | SimpleSliceNet |" in table
+    assert (tmp_path / "out" / "breakdown.png").stat().st_size > 0
+    # And its label-free outputs: p-values against the held-out healthy training volumes.
+    from simpleslicenet.calibration import ConformalCalibration
+
+    assert all(r["n_train_volumes"] == 2 and r["calibrated"]["calibration_volumes"] == 2 for r in results)
+    assert ConformalCalibration.load(tmp_path / "out" / "runs" / results[0]["run_id"] / "calibration.json").n_scans == 2
+    assert frame["fdr05_Dice"].between(0, 1).all() and frame["volume_p_KS"].between(0, 1).all()
+    assert "## Label-free outputs" in table and "Dice @ FDR 0.05" in table
 
     # The sweep's numbers are anomalib's: testing the run's checkpoint with the Engine, as `anomalib test
     # --ckpt_path` does, gives the same metrics (the validation threshold travels in the checkpoint).

@@ -435,6 +435,29 @@ def test_batch_keeps_the_layout_resumes_and_redoes_what_changed(tmp_path: Path) 
     assert [o.status for o in fifth.outcomes] == ["done", "done"]
 
 
+def test_brats_layout_pairs_each_modality_with_its_segmentation_and_reads_back(tmp_path: Path) -> None:
+    from simpleslicenet.data.datamodules.brats import list_brats
+
+    raw, out = tmp_path / "BraTS2021", tmp_path / "BraTS2021-mni"
+    subject = raw / "BraTS2021_00001"
+    for modality in ("t2", "flair"):
+        scan = small_brain(subject / f"BraTS2021_00001_{modality}.nii.gz", (3.0, -2.0, 1.0))
+    seg = np.zeros(nib.load(scan).shape, np.uint8)
+    seg[20:24, 25:29, 20:23] = 2  # BraTS labels 1, 2, 4: any non-zero is lesion
+    nib.save(nib.Nifti1Image(seg, nib.load(scan).affine), subject / "BraTS2021_00001_seg.nii.gz")
+    report = preprocess_inputs([raw], out, settings=BATCH_SETTINGS, progress=False)
+    # The segmentation is no scan of its own: it is carried (nearest neighbour) beside each modality.
+    assert sorted(o.name for o in report.outcomes) == ["BraTS2021_00001/BraTS2021_00001_flair.nii.gz",
+                                                       "BraTS2021_00001/BraTS2021_00001_t2.nii.gz"]  # fmt: skip
+    assert all(o.status == "done" for o in report.outcomes)
+    written = nib.load(out / "BraTS2021_00001" / "BraTS2021_00001_t2_mask.nii.gz").get_fdata()
+    assert set(np.unique(written)) <= {0.0, 1.0, 2.0} and written.any()
+    # The BraTS datamodule reads the preprocessed layout: the registered scan, its mask and brain mask.
+    (row,) = list_brats(out, "t2").itertuples()
+    assert row.image_path.endswith("BraTS2021_00001_t2.nii.gz") and row.mask_path.endswith("_t2_mask.nii.gz")
+    assert row.brain_mask_path.endswith("_t2_brain.nii.gz")
+
+
 def test_batch_does_not_replace_files_it_did_not_write(tmp_path: Path) -> None:
     raw, out = tmp_path / "raw", tmp_path / "out"
     small_brain(raw / "a.nii.gz")

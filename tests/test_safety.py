@@ -345,7 +345,7 @@ def _check_complete_batch(output: Path) -> set[str]:
             assert np.isfinite(nib.load(path).get_fdata()).all()
             maps.add(path.name)
     assert maps == listed
-    assert (output / "scores.csv").read_text().startswith("scan,volume_score")
+    assert (output / "scores.csv").read_text().startswith("rank,scan,volume_pvalue,volume_score")
     return maps
 
 

@@ -3,6 +3,7 @@
 * ``fit``, ``validate``, ``test``, ``train``, ``export``: anomalib's own CLI, with simpleslicenet's models and
   datamodules registered (same arguments as ``anomalib <subcommand>``).
 * ``predict``: NIfTI scans in, NIfTI anomaly maps and scores out, from an exported model or a checkpoint.
+* ``calibrate``: a model's reference on healthy scans, for ``predict``'s p-value maps and FDR masks.
 * ``phantom``: write the built-in brain phantom dataset.
 * ``preprocess``: raw NIfTI scans and DICOM series to skull-stripped scans registered to MNI152 at 1 mm.
 * ``benchmark``: run a sweep of models × datasets × seeds from a YAML grid.
@@ -72,6 +73,25 @@ def _benchmark(args: argparse.Namespace) -> None:
     run_sweep(args.config, output=args.output, resume=not args.restart)
 
 
+def _calibrate(args: argparse.Namespace) -> None:
+    from simpleslicenet.calibration import CalibrationError
+    from simpleslicenet.data.nifti import VolumeError
+    from simpleslicenet.deploy import ModelFileError, calibrate_paths
+
+    try:
+        calibration = calibrate_paths(
+            model=args.model,
+            inputs=args.input,
+            output=args.output,
+            overwrite=args.overwrite,
+            precision=args.precision,
+            device=args.device,
+        )
+    except (VolumeError, ModelFileError, FileExistsError, CalibrationError) as error:
+        sys.exit(f"simpleslicenet calibrate: {error}")
+    print(f"{args.output}: {calibration.n_scans} healthy scans, {calibration.n_voxels} brain voxels")
+
+
 def _predict(args: argparse.Namespace) -> None:
     from simpleslicenet.data.nifti import VolumeError
     from simpleslicenet.deploy import ModelFileError, predict_paths
@@ -86,8 +106,11 @@ def _predict(args: argparse.Namespace) -> None:
             precision=args.precision,
             device=args.device,
             fail_fast=args.fail_fast,
+            calibration=args.calibration,
+            fdr=args.fdr,
+            previews=args.previews,
         )
-    except (VolumeError, ModelFileError, FileExistsError) as error:
+    except (VolumeError, ModelFileError, FileExistsError, ValueError) as error:  # CalibrationError is a ValueError
         sys.exit(f"simpleslicenet predict: {error}")
     if not report.ok:
         # The batch is written; the exit status tells scripts that some scans were skipped.
@@ -160,9 +183,31 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stop at the first bad scan and write nothing (default: skip it, list it in scores.json, exit 1)",
     )
+    pred.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        help="this model's calibration (simpleslicenet calibrate): p-value maps, scans ranked by volume p-value",
+    )
+    pred.add_argument(
+        "--fdr",
+        type=float,
+        default=None,
+        help="with --calibration: mask of voxels passing Benjamini-Hochberg at this false discovery rate, e.g. 0.05",
+    )
+    pred.add_argument("--previews", action="store_true", help="also write <scan>_preview.png of the slices that matter")
     pred.add_argument("--precision", choices=("f32", "bf16"), default="f32", help="OpenVINO inference precision")
     pred.add_argument("--device", default="CPU", help="OpenVINO device (or torch device for .ckpt)")
     pred.set_defaults(func=_predict)
+
+    cal = sub.add_parser("calibrate", help="a model's reference on healthy scans, for p-values and FDR masks")
+    cal.add_argument("--model", required=True, type=Path, help="OpenVINO .xml or Lightning .ckpt")
+    cal.add_argument("--input", required=True, type=Path, help="a folder of healthy scans the model never trained on")
+    cal.add_argument("--output", required=True, type=Path, help="calibration file to write (JSON)")
+    cal.add_argument("--overwrite", action="store_true", help="replace an existing calibration file")
+    cal.add_argument("--precision", choices=("f32", "bf16"), default="f32", help="OpenVINO inference precision")
+    cal.add_argument("--device", default="CPU", help="OpenVINO device (or torch device for .ckpt)")
+    cal.set_defaults(func=_calibrate)
 
     from simpleslicenet.training.command import add_edc_arguments, run_edc_command  # light: no torch
 

@@ -3,7 +3,8 @@
 anomalib's ``ImageVisualizer`` re-opens ``image_path`` with PIL, which fails on NIfTI scans. Every
 simpleslicenet model uses :class:`VolumeMapWriter` in its place: the map of each volume goes to
 ``<output_dir>/<scan name>_anomaly_map.nii.gz`` (overlay it on the scan in ITK-SNAP or FSLeyes) and a
-few slices with the map and the true lesion outline to ``<scan name>.png``.
+preview of the slices that matter to ``<scan name>.png`` (:mod:`simpleslicenet.preview`): the map inside
+the brain with a colour bar, the region above the validation threshold and the true lesion outline.
 """
 
 from __future__ import annotations
@@ -15,47 +16,11 @@ import numpy as np
 import torch
 from anomalib.visualization import Visualizer
 
-from simpleslicenet.atomic import atomic_path
 from simpleslicenet.data.nifti import write_nifti
 from simpleslicenet.data.scans import nifti_stem
+from simpleslicenet.preview import draw_preview
 
 __all__ = ["VolumeMapWriter"]
-
-
-def _preview(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, path: Path, n_slices: int = 4) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    depth = image.shape[0]
-    if mask is not None and mask.any():
-        area = mask.reshape(depth, -1).sum(1)
-        centre = int(area.argmax())
-    else:
-        centre = int(amap.reshape(depth, -1).max(1).argmax())
-    # n_slices distinct slices around the centre, shifted inwards at the volume's ends.
-    n_slices = min(n_slices, depth)
-    step = max(1, depth // (4 * n_slices))
-    first = int(np.clip(centre - step * (n_slices // 2), 0, depth - 1 - step * (n_slices - 1)))
-    rows = [first + step * i for i in range(n_slices)]
-    fig, axes = plt.subplots(2, n_slices, figsize=(2.2 * n_slices, 4.6), squeeze=False)
-    for col, z in enumerate(rows):
-        for row in (0, 1):
-            ax = axes[row, col]
-            ax.imshow(image[z], cmap="gray", origin="lower")
-            if row == 1:
-                ax.imshow(amap[z], cmap="jet", alpha=0.45, origin="lower", vmin=0, vmax=max(1e-6, amap.max()))
-            if mask is not None and mask[z].any():
-                ax.contour(mask[z], levels=[0.5], colors="lime", linewidths=0.7, origin="lower")
-            ax.set_title(f"slice {z}", fontsize=7)
-            ax.axis("off")
-    fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=90)
-    finally:
-        plt.close(fig)
 
 
 class VolumeMapWriter(Visualizer):
@@ -73,12 +38,13 @@ class VolumeMapWriter(Visualizer):
         self.previews = previews
         self._sources: dict[tuple[Path, str], str] = {}  # (folder, file stem) -> scan it was written for
 
-    def write(self, batch: Any, folder: str | Path | None = None) -> list[Path]:  # noqa: ANN401
+    def write(self, batch: Any, folder: str | Path | None = None, threshold: float | None = None) -> list[Path]:  # noqa: ANN401
         """Write the maps of every volume in a predicted :class:`VolumeBatch`; returns the NIfTI paths.
 
         Args:
             batch: The predicted batch.
             folder: Where to write; default ``output_dir``.
+            threshold: Score from which the preview outlines the flagged region (e.g. the validation threshold).
         """
         folder = Path(folder) if folder is not None else self.output_dir
         if folder is None:
@@ -100,16 +66,22 @@ class VolumeMapWriter(Visualizer):
             path = write_nifti(geometry.to_scan(amap), geometry, folder / f"{stem}_anomaly_map.nii.gz", overwrite=True)
             written.append(path)
             if self.previews:
-                image = batch.image[rows, 0].detach().float().cpu().numpy()
-                mask = batch.gt_mask[rows].cpu().numpy() if batch.gt_mask is not None else None
-                _preview(image, amap, mask, folder / f"{stem}.png")
+                part = batch.rows(rows)
+                brain = part.brain_mask.cpu().numpy().astype(bool) if part.brain_mask is not None else None
+                lesion = part.gt_mask.cpu().numpy().astype(bool) if part.gt_mask is not None else None
+                flagged = None
+                if threshold is not None and np.isfinite(threshold):
+                    flagged = amap >= threshold if brain is None else (amap >= threshold) & brain
+                image = part.image[:, 0].detach().float().cpu().numpy()
+                draw_preview(image, amap, folder / f"{stem}.png", brain=brain, lesion=lesion, flagged=flagged, title=stem)
         return written
 
     def _on_batch_end(self, trainer: Any, outputs: Any) -> None:  # noqa: ANN401
         folder = self.output_dir or Path(trainer.default_root_dir) / "anomaly_maps"
         folder.mkdir(parents=True, exist_ok=True)
+        threshold = getattr(trainer.lightning_module, "dice_threshold", None)
         with torch.no_grad():
-            self.write(outputs, folder)
+            self.write(outputs, folder, threshold=threshold)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001, D102
         del pl_module, batch, batch_idx, dataloader_idx

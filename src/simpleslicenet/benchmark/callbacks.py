@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback
-
-from simpleslicenet.atomic import atomic_path
 
 __all__ = ["InferenceTimer", "ExampleDrawer"]
 
@@ -53,7 +52,8 @@ class InferenceTimer(Callback):
 
 
 class ExampleDrawer(Callback):
-    """Draws the first test volume with a lesion: its largest-lesion slice, the map and the true outline."""
+    """Draws the first test volume with a lesion (:func:`~simpleslicenet.preview.draw_preview`): the slices
+    where its lesion is largest and its map peaks, the region above the validation threshold, the true outline."""
 
     def __init__(self, path: str | Path, title: str) -> None:
         super().__init__()
@@ -62,31 +62,19 @@ class ExampleDrawer(Callback):
         self.drawn = False
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001, D102
-        del trainer, pl_module, batch, batch_idx, dataloader_idx
+        del trainer, batch, batch_idx, dataloader_idx
         if self.drawn or outputs is None or outputs.gt_mask is None or not outputs.gt_mask.any():
             return
-        import matplotlib
+        from simpleslicenet.metrics.calibrated import volume_maps
+        from simpleslicenet.preview import draw_preview
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        area = outputs.gt_mask.flatten(1).sum(1)
-        row = int(area.argmax())
-        image = outputs.image[row, 0].float().cpu().numpy()
-        amap = outputs.anomaly_map[row].float().cpu().numpy()
-        mask = outputs.gt_mask[row].float().cpu().numpy()
-        fig, axes = plt.subplots(1, 2, figsize=(6, 3.2))
-        for ax in axes:
-            ax.imshow(image, cmap="gray", origin="lower")
-            ax.contour(mask, levels=[0.5], colors="lime", linewidths=0.8, origin="lower")
-            ax.axis("off")
-        axes[1].imshow(amap, cmap="jet", alpha=0.5, origin="lower")
-        axes[0].set_title("scan + lesion outline", fontsize=8)
-        axes[1].set_title(f"{self.title}: anomaly map", fontsize=8)
-        fig.tight_layout()
-        try:
-            with atomic_path(self.path) as tmp:
-                fig.savefig(tmp, dpi=110)
-        finally:
-            plt.close(fig)
-        self.drawn = True
+        threshold = getattr(pl_module, "dice_threshold", None)
+        for amap, brain, _score, part in volume_maps([outputs]):
+            lesion = part.gt_mask.cpu().numpy().astype(bool).reshape(brain.shape)
+            if not lesion.any():
+                continue
+            flagged = (amap >= threshold) & brain if threshold is not None and math.isfinite(threshold) else None
+            image = part.image[:, 0].float().cpu().numpy()
+            draw_preview(image, amap, self.path, brain=brain, lesion=lesion, flagged=flagged, title=self.title, n_slices=3)
+            self.drawn = True
+            return

@@ -10,7 +10,7 @@ import pandas as pd
 from simpleslicenet.atomic import atomic_path, atomic_write_text
 from simpleslicenet.training.selection import PROTOCOL_LABEL
 
-__all__ = ["TABLE_COLUMNS", "breakdown_frame", "results_frame", "summary_table", "write_report"]
+__all__ = ["CALIBRATED_COLUMNS", "TABLE_COLUMNS", "breakdown_frame", "calibration_check", "results_frame", "summary_table", "write_report"]
 
 # (column in the results frame, header in the table, digits)
 TABLE_COLUMNS = [
@@ -27,6 +27,21 @@ TABLE_COLUMNS = [
     ("peak_ram_mb", "peak RAM MB", 0),
     ("parameters_m", "params M", 2),
 ]
+# Label-free outputs (simpleslicenet.metrics.calibrated), beside the Dice that needs labelled validation scans.
+CALIBRATED_COLUMNS = [
+    ("voxel_valDice", "Dice @ val thr.", 3),
+    ("fdr05_Dice", "Dice @ FDR 0.05", 3),
+    ("fdr05_lesion_detection", "lesions ≥ 1 ml found @ FDR 0.05", 2),
+    ("fdr05_FPclusters", "false clusters / healthy vol. @ FDR 0.05", 2),
+    ("fdr05_healthy_flagged", "healthy vols flagged @ FDR 0.05", 2),
+    ("fdr10_healthy_flagged", "healthy vols flagged @ FDR 0.1", 2),
+    ("volume_p05_TPR", "lesion vols p ≤ 0.05", 2),
+    ("volume_p05_FPR", "healthy vols p ≤ 0.05", 2),
+    ("volume_p_KS", "KS of healthy volume p", 3),
+    ("healthy_volumes", "healthy test vols", 0),
+    ("calibration_volumes", "calibration vols", 0),
+]
+_HIGHER_IS_BETTER = {key for key, _name, _digits in TABLE_COLUMNS[:7]} | {"fdr05_Dice", "fdr05_lesion_detection"}
 
 
 def results_frame(results: list[dict]) -> pd.DataFrame:
@@ -35,6 +50,7 @@ def results_frame(results: list[dict]) -> pd.DataFrame:
     for result in results:
         row = {k: v for k, v in result.items() if not isinstance(v, dict | list)}
         row.update(result.get("metrics", {}))
+        row.update(result.get("calibrated") or {})
         row["parameters_m"] = result.get("parameters", 0) / 1e6
         if result.get("select_checkpoint"):
             # Results of a checkpoint chosen on labelled validation volumes are named as such everywhere.
@@ -57,15 +73,14 @@ def breakdown_frame(results: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def summary_table(frame: pd.DataFrame) -> str:
+def summary_table(frame: pd.DataFrame, columns: list[tuple[str, str, int]] = TABLE_COLUMNS) -> str:
     """Markdown table, one line per (dataset, model): mean ± std over seeds, best accuracy in bold."""
-    columns = [c for c in TABLE_COLUMNS if c[0] in frame.columns]
+    columns = [c for c in columns if c[0] in frame.columns]
     header = ["dataset", "model", "seeds", *[c[1] for c in columns]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     groups = frame.groupby(["dataset", "label"], sort=False)
     best = {}
-    accuracy = {key for key, _name, _digits in TABLE_COLUMNS[:7]}  # higher is better
-    for key, _name, _digits in (c for c in columns if c[0] in accuracy):
+    for key, _name, _digits in (c for c in columns if c[0] in _HIGHER_IS_BETTER):
         means = groups[key].mean()
         best.update({(ds, key): means.xs(ds).max() for ds in means.index.get_level_values(0)})
     for (dataset, label), group in groups:
@@ -80,6 +95,49 @@ def summary_table(frame: pd.DataFrame) -> str:
             if (dataset, key) in best and np.isclose(mean, best[(dataset, key)]):
                 text = f"**{text}**"
             cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def calibration_check(results: list[dict], levels: tuple[float, ...] = (0.05, 0.1)) -> str:
+    """Markdown table of the label-free calibration pooled over every run (seed) of a (dataset, model).
+
+    Pooling makes the check the one conformal prediction promises: over calibration draws, the share of
+    healthy volumes flagged at FDR ``q`` (any voxel) and with volume p-value <= ``q`` stays at or below ``q``
+    up to sampling error, and healthy volume p-values are uniform (KS distance on the p-values' grid,
+    against the continuous test's 5% critical value, which the grid's can only be below).
+    """
+    from simpleslicenet.metrics.calibrated import ks_uniform
+
+    pooled: dict[tuple[str, str], dict] = {}
+    for result in results:
+        calibrated, pvalues = result.get("calibrated") or {}, result.get("volume_pvalues")
+        if not calibrated or not pvalues:
+            continue
+        entry = pooled.setdefault(
+            (result["dataset"], result["label"]), {"p": [], "n": 0, "flagged": dict.fromkeys(levels, 0.0), "grain": set()}
+        )
+        entry["grain"].add(int(calibrated["calibration_volumes"]))
+        n = int(calibrated["healthy_volumes"])
+        entry["p"] += pvalues["healthy"]
+        entry["n"] += n
+        for q in levels:
+            entry["flagged"][q] += calibrated.get(f"fdr{round(q * 100):02d}_healthy_flagged", float("nan")) * n
+    if not pooled:
+        return ""
+    header = ["dataset", "model", "healthy test vols"]
+    header += [f"flagged @ FDR {q:g} (≤ {q:g} + 2 SE)" for q in levels]
+    header += [f"volume p ≤ {q:g}" for q in levels] + ["KS of volume p (5% critical)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (dataset, label), entry in pooled.items():
+        n, p = entry["n"], np.asarray(entry["p"], dtype=float)
+        cells = [dataset, label, str(n)]
+        for q in levels:
+            bound = q + 2 * np.sqrt(q * (1 - q) / n)
+            cells.append(f"{entry['flagged'][q] / n:.3f} ({bound:.3f})")
+        cells += [f"{np.mean(p <= q):.3f}" for q in levels]
+        grain = entry["grain"].pop() if len(entry["grain"]) == 1 else None  # one calibration size: its grid
+        cells.append(f"{ks_uniform(p, grain):.3f} ({1.358 / np.sqrt(p.size):.3f})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -112,6 +170,34 @@ def _plot_accuracy_vs_time(frame: pd.DataFrame, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     _save_figure(fig, path, dpi=120)
+
+
+def _plot_breakdown(groups: pd.DataFrame, path: Path) -> None:
+    """Bars per lesion group and model (mean over seeds, whiskers one std) for the main accuracy figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in ("volume_AUROC", "voxel_AUPRC", "lesion_detection") if m in groups.columns]
+    names = groups["dataset"].str.split(" · ", n=1).str[-1]
+    order = list(dict.fromkeys(names))
+    labels = list(dict.fromkeys(groups["label"]))
+    width = 0.8 / max(1, len(labels))
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(6, 1.1 * len(order)), 2.6 * len(metrics)), squeeze=False)
+    for ax, metric in zip(axes[:, 0], metrics, strict=True):
+        for i, label in enumerate(labels):
+            rows = groups[groups["label"] == label].assign(group=names)
+            stats = rows.groupby("group")[metric].agg(["mean", "std"]).reindex(order)
+            x = np.arange(len(order)) + (i - (len(labels) - 1) / 2) * width
+            ax.bar(x, stats["mean"], width, yerr=stats["std"].fillna(0), capsize=2, label=label)
+        ax.set_xticks(np.arange(len(order)), order, fontsize=7, rotation=15)
+        ax.set_ylabel(metric, fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    _save_figure(fig, path, dpi=110)
 
 
 def _examples_figure(frame: pd.DataFrame, runs_dir: Path, path: Path) -> bool:
@@ -159,6 +245,15 @@ def write_report(
         "'Dice @ val thr.' uses the threshold that maximised Dice on the validation split (the honest figure); "
         "'max Dice' picks the best threshold on the test set itself and is an upper bound.\n"
     )
+    if "fdr05_Dice" in frame.columns:
+        text += (
+            "\n## Label-free outputs\n\nConformal p-values against the calibration split (healthy training volumes "
+            "held out of training); masks by Benjamini–Hochberg at the stated false discovery rate, with no lesion "
+            "label used.\n\n" + summary_table(frame, CALIBRATED_COLUMNS)
+        )
+        check = calibration_check(results)
+        if check:
+            text += "\nThe calibration pooled over seeds (each seed its own phantom, split and calibration):\n\n" + check
     groups = breakdown_frame(results)
     if not groups.empty:
         text += (
@@ -173,3 +268,5 @@ def write_report(
     if "voxel_AUPRC" in frame.columns:
         _plot_accuracy_vs_time(frame, output / "accuracy_vs_time.png")
     _examples_figure(frame, output / "runs", output / "examples.png")
+    if not groups.empty:
+        _plot_breakdown(groups, output / "breakdown.png")

@@ -56,6 +56,7 @@ def run_single(spec: dict, out_dir: Path) -> dict:
 
     from simpleslicenet.benchmark.callbacks import ExampleDrawer, InferenceTimer
     from simpleslicenet.metrics.breakdown import MetricBreakdown
+    from simpleslicenet.metrics.calibrated import CalibratedEvaluation, calibrate_model
     from simpleslicenet.models.registry import create_model
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -66,7 +67,8 @@ def run_single(spec: dict, out_dir: Path) -> dict:
     timer = InferenceTimer()
     example = ExampleDrawer(out_dir / "example.png", spec["label"])
     breakdown = MetricBreakdown()
-    callbacks = [timer, example, breakdown]
+    calibrated = CalibratedEvaluation()
+    callbacks = [timer, example, breakdown, calibrated]
     if spec.get("select_checkpoint"):
         from simpleslicenet.training.selection import ValidationSliceAUROCCheckpoint
 
@@ -86,6 +88,10 @@ def run_single(spec: dict, out_dir: Path) -> dict:
     # The tested model (the final one, or the selected checkpoint) chooses its Dice threshold on validation.
     selected = callbacks[-1].best_model_path if spec.get("select_checkpoint") else None
     engine.validate(model, datamodule=datamodule, ckpt_path=selected)
+    if len(getattr(datamodule, "calibration_data", ())):
+        # Label-free outputs: p-values against the held-out healthy training volumes.
+        calibrated.calibration = calibrate_model(engine, model, datamodule.calibration_dataloader(), ckpt_path=selected)
+        calibrated.calibration.save(out_dir / "calibration.json")
     timer.seconds.clear()
     [metrics] = engine.test(model, datamodule=datamodule, ckpt_path=selected)
     n_train = len(datamodule.train_data)
@@ -97,6 +103,8 @@ def run_single(spec: dict, out_dir: Path) -> dict:
         **spec,
         "metrics": {name: float(value) for name, value in metrics.items()},
         "breakdown": breakdown.results(),
+        "calibrated": calibrated.results(),
+        "volume_pvalues": calibrated.volume_pvalues() if calibrated.calibration is not None else None,
         "val_threshold": model.dice_threshold,
         # Lightning gives an absolute path; a sweep's output folder is usually relative to the working folder.
         "checkpoint": str(Path(checkpoint).resolve().relative_to(Path(out_dir).resolve())) if checkpoint else None,

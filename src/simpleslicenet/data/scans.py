@@ -28,7 +28,7 @@ __all__ = [
 MASK_SUFFIX = "_mask"
 BRAIN_SUFFIX = "_brain"
 # What predict and the map writer write next to a scan's name: never read back as a scan.
-OUTPUT_SUFFIXES = ("_anomaly_map", "_anomaly_mask")
+OUTPUT_SUFFIXES = ("_anomaly_map", "_anomaly_mask", "_pvalue_map")
 
 
 @dataclass(frozen=True)

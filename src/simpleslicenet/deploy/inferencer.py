@@ -42,6 +42,7 @@ class VolumePrediction:
         geometry: Where the model grid sits in the scan.
         brain_mask: Model-grid brain mask ``[D, H, W]``.
         scan_brain_mask: Brain mask in the scan's canonical grid (``False`` outside the model's box).
+        model_image: The preprocessed scan on the model grid ``[D, H, W]`` (what the model saw).
     """
 
     anomaly_map: np.ndarray
@@ -51,6 +52,7 @@ class VolumePrediction:
     volume_score: float
     geometry: VolumeGeometry
     brain_mask: np.ndarray
+    model_image: np.ndarray | None = None
 
 
 class VolumeInferencer:
@@ -158,4 +160,5 @@ class VolumeInferencer:
             volume_score=float(scores.volume_scores[0]),
             geometry=volume.geometry,
             brain_mask=brain,
+            model_image=slices,
         )

@@ -1,7 +1,7 @@
 """Lesion-wise detection at a threshold: found lesions and false clusters, as lesion studies report them.
 
 The thresholded map (``score >= threshold`` inside the brain) and the lesion mask are split into
-26-connected components (``scipy.ndimage.label``). A true lesion counts as detected when at least one
+26-connected components (:mod:`simpleslicenet.clusters`). A true lesion counts as detected when at least one
 flagged voxel falls on it; a flagged cluster that touches no lesion is a false-positive cluster.
 
 * ``lesion_detection``: share of true lesions of at least ``min_lesion_ml`` (1 ml = 1 cm³) that are
@@ -15,44 +15,17 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from anomalib.metrics import AnomalibMetric
-from scipy import ndimage
 from torchmetrics import Metric
 
+from simpleslicenet.clusters import lesion_components
 from simpleslicenet.metrics.named import NamedMetric
-from simpleslicenet.metrics.voxel import DiceThreshold, ValidationDiceThreshold
+from simpleslicenet.metrics.voxel import DiceThreshold, ValidationDiceThreshold, shared_threshold
 
 __all__ = ["LESION_FIELDS", "LesionDetection", "LesionFalseClusters", "lesion_components"]
 
 LESION_FIELDS = ("anomaly_map", "gt_mask", "brain_mask", "volume_index", "geometry")
-# 26-connectivity: voxels touching by a face, an edge or a corner belong to one component.
-_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
-
-
-def lesion_components(
-    flagged: np.ndarray,
-    lesion: np.ndarray,
-    voxel_ml: float,
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Per true lesion its size in ml and whether it was found; and the number of false clusters.
-
-    Args:
-        flagged: Boolean map of flagged voxels ``[D, H, W]``.
-        lesion: Boolean lesion mask, same shape.
-        voxel_ml: Volume of one voxel in millilitres.
-
-    Returns:
-        ``(sizes_ml, detected, false_clusters)`` with one entry of ``sizes_ml``/``detected`` per lesion.
-    """
-    lesions, n_lesions = ndimage.label(lesion, structure=_CONNECTIVITY)
-    clusters, n_clusters = ndimage.label(flagged, structure=_CONNECTIVITY)
-    labels = np.arange(1, n_lesions + 1)
-    sizes = ndimage.sum_labels(lesion, lesions, labels) * voxel_ml if n_lesions else np.zeros(0)
-    detected = ndimage.maximum(flagged, lesions, labels).astype(bool) if n_lesions else np.zeros(0, dtype=bool)
-    touching = ndimage.maximum(lesion, clusters, np.arange(1, n_clusters + 1)) if n_clusters else np.zeros(0)
-    return np.asarray(sizes, dtype=float), np.asarray(detected, dtype=bool), int((np.asarray(touching) == 0).sum())
 
 
 class _LesionWise(Metric):
@@ -68,10 +41,8 @@ class _LesionWise(Metric):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        if isinstance(threshold, ValidationDiceThreshold):
-            threshold = threshold.threshold
         # A plain attribute, not a submodule: the validation metric must not be registered twice.
-        self._threshold = threshold if isinstance(threshold, DiceThreshold) else DiceThreshold(float(threshold))
+        self._threshold = shared_threshold(threshold)
         self.min_lesion_ml = float(min_lesion_ml)
         for name in ("lesions", "detected", "healthy_volumes", "healthy_false_clusters"):
             self.add_state(name, default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")

@@ -41,6 +41,7 @@ __all__ = [
     "PaperMeanDice",
     "PaperVoxelAUROC",
     "ValidationDiceThreshold",
+    "shared_threshold",
     "VoxelAUPRC",
     "VoxelAUROC",
     "VoxelDiceAtThreshold",
@@ -152,6 +153,14 @@ class _ValidationDiceThreshold(_VoxelHistogram):
         return torch.tensor(value, dtype=torch.float64)
 
 
+def shared_threshold(threshold: float | DiceThreshold | _ValidationDiceThreshold) -> DiceThreshold:
+    """The :class:`DiceThreshold` a test metric reads: the validation metric's own (shared by reference,
+    so the test sees what validation chose), a given holder, or a fixed number."""
+    if isinstance(threshold, _ValidationDiceThreshold):
+        return threshold.threshold
+    return threshold if isinstance(threshold, DiceThreshold) else DiceThreshold(float(threshold))
+
+
 class _VoxelDiceAtThreshold(Metric):
     """Exact Dice of ``score >= threshold`` over all brain voxels (streaming TP/FP/FN counts)."""
 
@@ -161,10 +170,8 @@ class _VoxelDiceAtThreshold(Metric):
 
     def __init__(self, threshold: float | DiceThreshold | _ValidationDiceThreshold, **kwargs) -> None:
         super().__init__(**kwargs)
-        if isinstance(threshold, _ValidationDiceThreshold):
-            threshold = threshold.threshold
         # A plain attribute, not a submodule: the validation metric must not be registered twice.
-        self._threshold = threshold if isinstance(threshold, DiceThreshold) else DiceThreshold(float(threshold))
+        self._threshold = shared_threshold(threshold)
         self.add_state("true_pos", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("false_pos", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("false_neg", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
@@ -228,12 +235,8 @@ class _VoxelPerVolumeMean(Metric):
         if statistic == "dice_at_threshold" and threshold is None:
             msg = "statistic 'dice_at_threshold' needs a threshold"
             raise ValueError(msg)
-        if isinstance(threshold, _ValidationDiceThreshold):
-            threshold = threshold.threshold
-        if threshold is not None and not isinstance(threshold, DiceThreshold):
-            threshold = DiceThreshold(float(threshold))
         self.statistic = statistic
-        self._threshold = threshold
+        self._threshold = None if threshold is None else shared_threshold(threshold)
         self.num_bins = num_bins
         self.add_state("volume_ids", default=[], dist_reduce_fx="cat")
         self.add_state("values", default=[], dist_reduce_fx="cat")

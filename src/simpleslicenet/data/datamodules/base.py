@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from anomalib.data import AnomalibDataModule
+from torch.utils.data import DataLoader
 
 from simpleslicenet.data.dataset import SAMPLE_COLUMNS, VolumeDataset
 from simpleslicenet.data.nifti import (
@@ -118,7 +119,9 @@ class VolumeDataModule(AnomalibDataModule):
     * training uses healthy volumes only;
     * if no volume is marked ``val``, a ``val_fraction`` of the test volumes (healthy and lesion alike,
       stratified) becomes the validation split. anomalib picks thresholds and normalisation on it, so
-      it must contain lesions, and it never overlaps the test split.
+      it must contain lesions, and it never overlaps the test split;
+    * a ``calibration_fraction`` of the healthy training volumes becomes the calibration split, held out
+      of training (:meth:`calibration_dataloader`).
 
     Args:
         root: Dataset folder.
@@ -132,6 +135,8 @@ class VolumeDataModule(AnomalibDataModule):
             or ``"whole_brain"`` (every slice the brain reaches; the slice count varies by scan).
         first_slice: First axial slice of the ``"fixed"`` crop.
         val_fraction: Share of test volumes moved to validation when the data has no validation split.
+        calibration_fraction: Share of the healthy training volumes held out as the calibration split
+            (:mod:`simpleslicenet.calibration`): never trained on, the reference of label-free p-values.
         train_batch_size: Volumes per training batch (a batch holds all their slices).
         eval_batch_size: Volumes per evaluation batch.
         num_workers: Data loader workers.
@@ -150,6 +155,7 @@ class VolumeDataModule(AnomalibDataModule):
         crop: str = "brain",
         first_slice: int = 24,
         val_fraction: float = 0.3,
+        calibration_fraction: float = 0.0,
         train_batch_size: int = 1,
         eval_batch_size: int = 1,
         num_workers: int = 0,
@@ -176,6 +182,10 @@ class VolumeDataModule(AnomalibDataModule):
             first_slice=first_slice,
         )
         self.val_fraction = val_fraction
+        if not 0.0 <= calibration_fraction < 1.0:
+            msg = f"calibration_fraction must lie in [0, 1), got {calibration_fraction}"
+            raise ValueError(msg)
+        self.calibration_fraction = float(calibration_fraction)
         self.cache = cache
 
     @property
@@ -216,6 +226,13 @@ class VolumeDataModule(AnomalibDataModule):
                     n_val = 0
                 chosen = rng.choice(idx, size=n_val, replace=False) if n_val else []
                 samples.loc[chosen, "split"] = "val"
+        if self.calibration_fraction > 0 and not (samples["split"] == "calibration").any():
+            # Held out of training, never a lesion scan: the reference of the label-free p-values.
+            train = samples.index[samples["split"] == "train"].to_numpy()
+            n_calibration = min(max(int(round(len(train) * self.calibration_fraction)), 1), len(train) - 1)
+            if n_calibration > 0:
+                chosen = np.random.default_rng([self.seed, 1]).choice(train, size=n_calibration, replace=False)
+                samples.loc[chosen, "split"] = "calibration"
         return samples
 
     def _dataset(self, samples: pd.DataFrame) -> VolumeDataset:
@@ -255,3 +272,14 @@ class VolumeDataModule(AnomalibDataModule):
         self.train_data = self._dataset(samples[samples["split"] == "train"])
         self.val_data = self._dataset(samples[samples["split"] == "val"])
         self.test_data = self._dataset(samples[samples["split"] == "test"])
+        self.calibration_data = self._dataset(samples[samples["split"] == "calibration"])
+
+    def calibration_dataloader(self) -> DataLoader:
+        """The calibration volumes (healthy, held out of training; empty unless ``calibration_fraction``)."""
+        return DataLoader(
+            self.calibration_data,
+            shuffle=False,
+            batch_size=self.eval_batch_size,
+            num_workers=self.num_workers,
+            collate_fn=self.calibration_data.collate_fn,
+        )

@@ -22,7 +22,7 @@ import pandas as pd
 
 from simpleslicenet.data.datamodules.base import MODALITIES, VolumeDataModule
 from simpleslicenet.data.datamodules.folder import scans_to_samples
-from simpleslicenet.data.scans import companion_file, list_scans
+from simpleslicenet.data.scans import companion_file, list_scans, nifti_stem
 from simpleslicenet.data.dataset import SAMPLE_COLUMNS
 from simpleslicenet.data.nifti import VolumeError
 
@@ -44,7 +44,9 @@ def list_brats(root: str | Path, modality: str = "t2", split: str = "test") -> p
     """Samples table of a BraTS 2021 folder: one lesion volume per subject, mask ``seg > 0``.
 
     Layout: ``root/BraTS2021_XXXXX/BraTS2021_XXXXX_{t1,t1ce,t2,flair,seg}.nii.gz`` (the official one;
-    any sub-folder ``NAME`` holding ``NAME_<modality>`` and ``NAME_seg`` is a subject).
+    any sub-folder ``NAME`` holding ``NAME_<modality>`` and ``NAME_seg`` is a subject), or that layout
+    after ``simpleslicenet preprocess --skull-stripped`` (``NAME_<modality>_mask`` and ``_brain`` beside
+    each registered scan).
 
     Args:
         root: BraTS folder.
@@ -68,15 +70,18 @@ def list_brats(root: str | Path, modality: str = "t2", split: str = "test") -> p
         image = companion_file(subject, f"{subject.name}_{modality}")
         if image is None:
             raise VolumeError(subject, f"no {modality} scan: expected {subject.name}_{modality}.nii.gz")
-        seg = companion_file(subject, f"{subject.name}_seg")
+        # The official mask, or the one `simpleslicenet preprocess` writes beside the registered scan.
+        seg = companion_file(subject, f"{subject.name}_seg") or companion_file(subject, f"{nifti_stem(image)}_mask")
         if seg is None:
             raise VolumeError(image, f"lesion scan has no mask: expected {subject.name}_seg.nii.gz beside it")
+        brain = companion_file(subject, f"{nifti_stem(image)}_brain")
         rows.append(
             {
                 "volume_id": f"brats/{subject.name}",
                 "image_path": str(image),
                 "mask_path": str(seg),
-                "brain_mask_path": None,  # BraTS is skull-stripped: the brain mask comes from intensities
+                # BraTS is skull-stripped: the brain mask comes from intensities, or from preprocess's file.
+                "brain_mask_path": None if brain is None else str(brain),
                 "label_index": 1,
                 "split": split,
             },

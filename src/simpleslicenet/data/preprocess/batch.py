@@ -24,7 +24,7 @@ from simpleslicenet.data.nifti import VolumeError
 from simpleslicenet.data.preprocess.dicom import dicom_series_folders, is_dicom_file
 from simpleslicenet.data.preprocess.manifest import Manifest, file_fingerprint
 from simpleslicenet.data.preprocess.scan import PreprocessResult, PreprocessSettings, output_paths, preprocess_scan
-from simpleslicenet.data.scans import list_scans, scans_from
+from simpleslicenet.data.scans import ScanFiles, companion_file, list_scans, scans_from
 
 __all__ = ["ScanJob", "ScanOutcome", "BatchReport", "find_jobs", "preprocess_inputs", "preprocess_folder"]
 
@@ -142,8 +142,9 @@ def find_jobs(
 
     A NIfTI file becomes ``NAME.nii.gz`` at the top of the output folder; a DICOM series folder
     becomes ``FOLDER.nii.gz``; a folder of scans keeps its layout: ``sub/NAME.nii.gz`` for its NIfTI
-    scans (masks beside them by the naming rule) and ``sub/SERIES.nii.gz`` for each folder of DICOM
-    files below it. Anything inside the output folder is left out, so outputs are never re-read as inputs.
+    scans (masks beside them by the naming rule, or BraTS's ``SUBJECT/SUBJECT_seg`` for each
+    ``SUBJECT/SUBJECT_<modality>``, written as ``SUBJECT_<modality>_mask``) and ``sub/SERIES.nii.gz``
+    for each folder of DICOM files below it. Anything inside the output folder is left out, so outputs are never re-read as inputs.
 
     Args:
         inputs: Files and folders.
@@ -188,13 +189,27 @@ def find_jobs(
     return jobs, failures
 
 
+def _brats_segmentation(scan: ScanFiles) -> Path | None:
+    """``SUBJECT/SUBJECT_seg.nii.gz`` beside a scan ``SUBJECT/SUBJECT_<modality>``: the BraTS layout's lesion mask."""
+    subject = scan.image_path.parent.name
+    if not scan.name.startswith(f"{subject}_") or scan.name == f"{subject}_seg":
+        return None
+    return companion_file(scan.image_path.parent, f"{subject}_seg")
+
+
 def _jobs_in_folder(folder: Path, dicom_only: bool) -> list[ScanJob]:
     jobs = []
     if not dicom_only:
-        for scan in list_scans(folder, recursive=True):
+        scans = list_scans(folder, recursive=True)
+        # BraTS layout: SUBJECT_seg is the lesion mask of every SUBJECT_<modality> beside it, not a scan.
+        segmentations = {seg for seg in map(_brats_segmentation, scans) if seg is not None}
+        for scan in scans:
+            if scan.image_path in segmentations:
+                continue
             relative = scan.image_path.parent.relative_to(folder)
             name = str(relative / f"{scan.name}.nii.gz")
-            jobs.append(ScanJob(name, scan.image_path, scan.mask_path, scan.brain_mask_path))
+            mask = scan.mask_path or _brats_segmentation(scan)
+            jobs.append(ScanJob(name, scan.image_path, mask, scan.brain_mask_path))
     for series in dicom_series_folders(folder):
         name = folder.name if series == folder else str(series.relative_to(folder))
         jobs.append(ScanJob(f"{name}.nii.gz", series))

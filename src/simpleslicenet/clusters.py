@@ -1,0 +1,51 @@
+"""Connected components of flagged voxels and of lesion masks (26-connected, ``scipy.ndimage.label``).
+
+One definition of a cluster for everything that counts them: the lesion-wise test metrics and the
+per-scan report of ``simpleslicenet predict``. Imports no anomalib, so deployment stays light.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = ["CONNECTIVITY", "cluster_sizes_ml", "lesion_components"]
+
+# 26-connectivity: voxels touching by a face, an edge or a corner belong to one component.
+CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
+
+
+def cluster_sizes_ml(flagged: np.ndarray, voxel_ml: float) -> np.ndarray:
+    """Sizes in millilitres of the clusters of ``flagged`` ``[D, H, W]``, largest first."""
+    clusters, n_clusters = ndimage.label(flagged, structure=CONNECTIVITY)
+    if n_clusters == 0:
+        return np.zeros(0)
+    sizes = np.bincount(clusters.ravel(), minlength=n_clusters + 1)[1:] * float(voxel_ml)
+    return np.sort(sizes)[::-1]
+
+
+def lesion_components(
+    flagged: np.ndarray,
+    lesion: np.ndarray,
+    voxel_ml: float,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per true lesion its size in ml and whether it was found; and the number of false clusters.
+
+    A true lesion counts as found when at least one flagged voxel falls on it; a flagged cluster that
+    touches no lesion is a false-positive cluster.
+
+    Args:
+        flagged: Boolean map of flagged voxels ``[D, H, W]``.
+        lesion: Boolean lesion mask, same shape.
+        voxel_ml: Volume of one voxel in millilitres.
+
+    Returns:
+        ``(sizes_ml, detected, false_clusters)`` with one entry of ``sizes_ml``/``detected`` per lesion.
+    """
+    lesions, n_lesions = ndimage.label(lesion, structure=CONNECTIVITY)
+    clusters, n_clusters = ndimage.label(flagged, structure=CONNECTIVITY)
+    labels = np.arange(1, n_lesions + 1)
+    sizes = ndimage.sum_labels(lesion, lesions, labels) * voxel_ml if n_lesions else np.zeros(0)
+    detected = ndimage.maximum(flagged, lesions, labels).astype(bool) if n_lesions else np.zeros(0, dtype=bool)
+    touching = ndimage.maximum(lesion, clusters, np.arange(1, n_clusters + 1)) if n_clusters else np.zeros(0)
+    return np.asarray(sizes, dtype=float), np.asarray(detected, dtype=bool), int((np.asarray(touching) == 0).sum())

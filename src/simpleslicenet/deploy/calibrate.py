@@ -1,0 +1,76 @@
+"""``simpleslicenet calibrate``: a model's healthy-scan reference, for label-free p-values and FDR masks.
+
+Run it on healthy scans the model never trained on (held-out scans of the training cohort, or a new
+site's own healthy scans, preprocessed as the training scans were); ``simpleslicenet predict
+--calibration FILE`` then writes p-value maps, ranks scans by volume p-value and, with ``--fdr``,
+masks without any labelled lesion scan (:mod:`simpleslicenet.calibration`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from simpleslicenet.calibration import CalibrationError, ConformalCalibration, model_digest
+from simpleslicenet.data.scans import scans_from
+from simpleslicenet.deploy.inferencer import VolumeInferencer
+
+__all__ = ["MIN_SCANS_FOR_005", "calibrate_paths"]
+
+logger = logging.getLogger(__name__)
+
+# A volume p-value is at least 1/(n+1): below 19 scans none can reach 0.05.
+MIN_SCANS_FOR_005 = 19
+
+
+def calibrate_paths(
+    model: str | os.PathLike,
+    inputs: str | os.PathLike,
+    output: str | os.PathLike,
+    overwrite: bool = False,
+    precision: str = "f32",
+    device: str = "CPU",
+    progress: bool = True,
+) -> ConformalCalibration:
+    """Score healthy scans with ``model`` and write the calibration file ``output`` (JSON).
+
+    Args:
+        model: Exported ``.xml`` or ``.ckpt``; the calibration records its digest and fits only it.
+        inputs: A folder of healthy scans (or one scan), named as for ``predict``.
+        output: The calibration file to write.
+        overwrite: Replace an existing file (atomically); otherwise refuse before reading anything.
+        precision: OpenVINO precision.
+        device: OpenVINO device or torch device.
+        progress: Show a progress bar.
+
+    Raises:
+        FileExistsError: ``output`` exists and ``overwrite`` is false.
+        VolumeError: A scan cannot be read (calibration uses every scan or none).
+        CalibrationError: No brain voxel in any scan.
+    """
+    output = Path(output)
+    if output.exists() and not overwrite:
+        msg = f"{output}: already exists; pass --overwrite to replace it"
+        raise FileExistsError(msg)
+    scans = scans_from(inputs)
+    inferencer = VolumeInferencer(model, device=device, precision=precision)
+    maps, volume_scores = [], []
+    for scan in tqdm(scans, desc="calibrate", unit="scan", disable=not progress):
+        prediction = inferencer.predict(scan.image_path, brain_mask_path=scan.brain_mask_path)
+        maps.append(prediction.model_map[prediction.brain_mask.astype(bool)])
+        volume_scores.append(prediction.volume_score)
+    if len(scans) < MIN_SCANS_FOR_005:
+        logger.warning(
+            "%d calibration scans: no volume p-value can fall below %.3f (19 scans or more reach 0.05)",
+            len(scans), 1 / (len(scans) + 1),
+        )  # fmt: skip
+    try:
+        calibration = ConformalCalibration.from_scores(maps, volume_scores, model_sha256=model_digest(model))
+    except CalibrationError as error:
+        msg = f"{inputs}: {error}"
+        raise CalibrationError(msg) from error
+    calibration.save(output)
+    return calibration
