@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     from simpleslicenet.atomic import atomic_write_text
 
+    for record in edc.values():  # the results name files by their place in the checkout, not on this machine
+        weights = Path(record["weights"])
+        record["weights"] = str(weights.relative_to(ROOT)) if weights.is_relative_to(ROOT) else weights.name
     atomic_write_text(output, json.dumps(result, indent=2, default=str) + "\n")
     print(f"written {output}")
     return result
