@@ -9,7 +9,16 @@ defaults: 2 mm, 96x96x48, a fixed split):
 * ``paper loss``: the plain defaults with the paper's training settings instead of this package's
   (push-pull loss, 4096 features per step, no depth conditioning): the defaults before they changed;
 * ``quick+whole_brain``: the quick configuration on every slice the brain reaches
-  (``BrainPhantom(crop="whole_brain")``) instead of the 48-slice slab.
+  (``BrainPhantom(crop="whole_brain")``) instead of the 48-slice slab;
+* training levers, one at a time, on ``quick before`` (the quick configuration before standardised
+  inputs and brain cells became its settings; called ``quick`` in ``accuracy_levers_round3.json`` and
+  ``_round4.json``, which measured them): the noise ``σ`` as a share of each feature
+  dimension's spread (``noise_scale="feature_std"``, ``σ`` 0.08 and 0.25; the features spread by about
+  3.5 per dimension, so the absolute ``σ`` 0.08 is about 2% of it), standardised flow inputs
+  (``standardize_features``), the flow trained on brain cells only (``train_cells="brain"``), the
+  EfficientNet-Lite1 and Lite2 backbones (same stages; offline weights from the ``backbones`` extra),
+  standardised inputs and brain cells together (what ``quick`` is now), and Lightning's
+  ``deterministic=True`` (same settings: what it costs in time, and whether it changes anything).
 
 The first two are then tested through ``Engine.test`` (the model's own evaluator, threshold from
 validation) once per inference-time variant, on the same weights: the map order (the authors' smooth
@@ -18,7 +27,8 @@ then score, the default, or score then smooth) and the volume score (maximum, or
 where the hottest voxel sits along the slab, to show whether the first and last slices draw the
 maximum (a boundary artifact).
 
-    python benchmarks/accuracy_levers.py                 # 3 seeds, 6 epochs (about 30 min on 2 CPU cores)
+    python benchmarks/accuracy_levers.py                 # every configuration, 3 seeds, 6 epochs (about 1 h 45 min on 2 CPU cores)
+    python benchmarks/accuracy_levers.py --configurations plain quick --default-variant-only   # the defaults (about 12 min)
     python benchmarks/accuracy_levers.py --seeds 0 --epochs 1 --configurations plain   # a check that everything runs
 
 Prints a table (mean ± sample std over seeds) and writes ``benchmarks/results/accuracy_levers.json``.
@@ -30,6 +40,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
+import shlex
 import statistics
 import sys
 import time
@@ -57,9 +69,21 @@ VARIANTS = [
     ("smooth→score, top 0.1% mean", "smooth_then_score", "topk_mean", 0.001),
     ("smooth→score, top 1% mean", "smooth_then_score", "topk_mean", 0.01),
 ]
-CONFIGURATIONS = ("plain", "quick", "paper loss", "quick+whole_brain")
 # The paper's training settings, the defaults of this model before they were changed on these results.
 PAPER_TRAINING = {"loss": "bgspp", "features_per_step": 4096, "depth_position": False}
+# The quick configuration's settings before the levers below were measured.
+PREVIOUS_QUICK = {"standardize_features": False, "train_cells": "all"}
+# Changes to PREVIOUS_QUICK, one training lever each.
+QUICK_LEVERS = {
+    "quick+σ×spread 0.08": {"noise_scale": "feature_std", "noise_std": 0.08},
+    "quick+σ×spread 0.25": {"noise_scale": "feature_std", "noise_std": 0.25},
+    "quick+standardized": {"standardize_features": True},
+    "quick+brain cells": {"train_cells": "brain"},
+    "quick+lite1": {"backbone": "tf_efficientnet_lite1"},
+    "quick+lite2": {"backbone": "tf_efficientnet_lite2"},
+    "quick+standardized+brain cells": {"standardize_features": True, "train_cells": "brain"},
+}
+CONFIGURATIONS = ("plain", "quick", "paper loss", "quick+whole_brain", "quick before", *QUICK_LEVERS, "quick+deterministic")
 EDGE_SLICES = 3  # "at the slab's edge": the hottest voxel lies within this many slices of either end
 
 
@@ -82,10 +106,11 @@ class HottestSlice(Callback):
             self.positions.append((hottest, masked.shape[0]))
 
 
-def _engine(root: Path, epochs: int, callbacks: list | None = None):  # noqa: ANN202
+def _engine(root: Path, epochs: int, callbacks: list | None = None, deterministic: bool = False):  # noqa: ANN202
     from anomalib.engine import Engine
 
     return Engine(
+        deterministic=deterministic,
         max_epochs=epochs,
         accelerator="cpu",
         devices=1,
@@ -104,11 +129,15 @@ def _model(configuration: str):  # noqa: ANN202
     if configuration == "plain":
         return SimpleSliceNet()
     if configuration == "paper loss":
-        return SimpleSliceNet(**PAPER_TRAINING)
-    return SimpleSliceNet(**registry.config_init_args(registry.packaged_config("simpleslicenet_phantom.yaml")))
+        return SimpleSliceNet(**PAPER_TRAINING, **PREVIOUS_QUICK)
+    quick = registry.config_init_args(registry.packaged_config("simpleslicenet_phantom.yaml"))
+    if configuration in ("quick", "quick+whole_brain"):
+        return SimpleSliceNet(**quick)
+    # "quick before", its levers and its deterministic twin.
+    return SimpleSliceNet(**{**quick, **PREVIOUS_QUICK, **QUICK_LEVERS.get(configuration, {})})
 
 
-def run(seeds: list[int], epochs: int, workdir: Path, configurations: list[str]) -> list[dict]:
+def run(seeds: list[int], epochs: int, workdir: Path, configurations: list[str], variants: bool = True) -> list[dict]:
     """Train and test every configuration and variant; one record per (configuration, seed, variant)."""
     from lightning.pytorch import seed_everything
 
@@ -122,12 +151,12 @@ def run(seeds: list[int], epochs: int, workdir: Path, configurations: list[str])
         for seed in seeds:
             seed_everything(seed)
             model = _model(configuration)
-            folder = workdir / f"{configuration.replace(' ', '_')}_seed{seed}"
-            engine = _engine(folder, epochs)
+            folder = workdir / f"{re.sub(r'[^A-Za-z0-9.+-]+', '_', configuration)}_seed{seed}"
+            engine = _engine(folder, epochs, deterministic=configuration.endswith("deterministic"))
             start = time.perf_counter()
             engine.fit(model, datamodule=datamodule)
             train_s = time.perf_counter() - start
-            for label, order, mode, fraction in VARIANTS if configuration in CONFIGURATIONS[:2] else VARIANTS[:1]:
+            for label, order, mode, fraction in VARIANTS if variants and configuration in CONFIGURATIONS[:2] else VARIANTS[:1]:
                 model.model.anomaly_map_generator.order = order
                 model.scoring = VolumeScoring(mode, fraction)
                 hottest, breakdown = HottestSlice(), MetricBreakdown()
@@ -189,9 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=ROOT / "results" / "accuracy_levers")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--configurations", nargs="+", choices=CONFIGURATIONS, default=list(CONFIGURATIONS))
+    parser.add_argument("--default-variant-only", action="store_true", help="test the package's default map and score only")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    records = run(args.seeds, args.epochs, args.workdir, args.configurations)
+    records = run(args.seeds, args.epochs, args.workdir, args.configurations, variants=not args.default_variant_only)
     rows = _summary(records)
     table = _table(rows)
     print(table)
@@ -202,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out,
         json.dumps(
             {
-                "command": " ".join(["python", "benchmarks/accuracy_levers.py", *(argv if argv is not None else sys.argv[1:])]),
+                "command": shlex.join(["python", "benchmarks/accuracy_levers.py", *(argv if argv is not None else sys.argv[1:])]),
                 "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads()},
                 "epochs": args.epochs,
                 "seeds": args.seeds,

@@ -26,13 +26,36 @@ def imagenet_extractor() -> torch.nn.Module:
     return create_feature_extractor("tf_efficientnet_lite0", layers=None, weights="imagenet")
 
 
-@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "efficientnet_lite0"])
-def test_offline_weights_load_strict_into_timm(name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "tensors"),
+    [("tf_efficientnet_lite0", 296), ("efficientnet_lite0", 296), ("tf_efficientnet_lite1", 386), ("tf_efficientnet_lite2", 386)],
+)
+def test_offline_weights_load_strict_into_timm(name: str, tensors: int) -> None:
     state = load_imagenet_state_dict(name)
-    assert len(state) == 296
+    assert len(state) == tensors
     model = timm.create_model(name, pretrained=False)
     result = model.load_state_dict(state, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_offline_weights_are_imagenet_classifiers(name: str) -> None:
+    """Loaded weights that merely fit in shape would not name a photograph: Grace Hopper in uniform."""
+    import numpy as np
+    from matplotlib import cbook
+    from PIL import Image
+
+    from simpleslicenet.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+
+    model = timm.create_model(name, pretrained=False)
+    model.load_state_dict(load_imagenet_state_dict(name), strict=True)
+    size = model.default_cfg["input_size"][-1]
+    photo = Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB").resize((size, size))
+    image = torch.from_numpy(np.asarray(photo, dtype=np.float32) / 255).permute(2, 0, 1)
+    image = (image - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    with torch.no_grad():
+        top = int(model.eval()(image[None]).argmax())
+    assert top == 652  # ImageNet class 652: military uniform
 
 
 def test_default_extractor_is_frozen_stride_8_and_16(imagenet_extractor, imagenet_state) -> None:
@@ -95,6 +118,10 @@ def test_weights_file_errors_name_the_file(tmp_path) -> None:
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(BackboneWeightsError, match=r"garbage\.pth"):
         create_feature_extractor("tf_efficientnet_lite0", weights=garbage)
+    odd = tmp_path / "odd_lite.pth"  # the package layout, with a block count no Lite variant has
+    torch.save({f"_blocks.{i}._bn1.weight": torch.ones(8) for i in range(5)}, odd)
+    with pytest.raises(BackboneWeightsError, match=r"odd_lite\.pth: 5 blocks"):
+        create_feature_extractor("tf_efficientnet_lite0", weights=odd)
 
 
 def test_missing_imagenet_weights_raise_a_clear_error(monkeypatch) -> None:

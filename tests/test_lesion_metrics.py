@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from simpleslicenet.clusters import count_lesions
 from simpleslicenet.data.batch import VolumeBatch
 from simpleslicenet.data.geometry import VolumeGeometry
 from simpleslicenet.metrics.lesion import LesionDetection, LesionFalseClusters, lesion_components
@@ -30,6 +31,9 @@ def test_components_count_found_lesions_and_false_clusters() -> None:
     assert sizes.tolist() == pytest.approx([0.512, 0.064])
     assert detected.tolist() == [True, False]
     assert false_clusters == 2
+    assert count_lesions(flagged, lesion, 0.008, min_lesion_ml=0.1) == (1, 1, 2)  # the small lesion is not counted
+    assert count_lesions(flagged, lesion, 0.008, min_lesion_ml=0.05) == (2, 1, 2)
+    assert count_lesions(flagged, lesion, float("nan"), min_lesion_ml=0.05) == (0, 0, 2)  # sizes unknown
     # 26-connectivity: cubes touching only by an edge are one lesion.
     touching = np.zeros(SHAPE, dtype=bool)
     _cube(touching, (0, 0, 0), 2)

@@ -81,6 +81,25 @@ def test_testing_a_checkpoint_takes_its_stages(trained_simpleslicenet, phantom_d
     assert metrics["voxel_AUROC"] == pytest.approx(expected["voxel_AUROC"], abs=1e-6)
 
 
+def test_training_levers_survive_a_checkpoint(phantom_datamodule, tmp_path: Path) -> None:  # noqa: ANN001
+    """Standardised inputs, noise scaled by the features' spread and brain cells only: trained, stored, reloaded."""
+    from lightning.pytorch import seed_everything
+
+    from simpleslicenet.models.simpleslicenet import SimpleSliceNet
+
+    seed_everything(0)
+    levers = {"standardize_features": True, "noise_scale": "feature_std", "train_cells": "brain"}
+    model = SimpleSliceNet(**TINY_SIMPLESLICENET, **levers)
+    engine = tiny_engine(tmp_path, max_epochs=1)
+    engine.fit(model, datamodule=phantom_datamodule)
+    assert bool(model.model.standardizer.fitted) and (model.model.standardizer.std != 1).all()
+    reloaded = SimpleSliceNet.load_from_checkpoint(engine.trainer.checkpoint_callback.best_model_path, weights_only=True)
+    assert {key: reloaded.hparams[key] for key in levers} == levers
+    torch.testing.assert_close(reloaded.model.standardizer.mean, model.model.standardizer.mean, rtol=0, atol=0)
+    before = _predict_first_test_volume(model, phantom_datamodule)
+    torch.testing.assert_close(_predict_first_test_volume(reloaded, phantom_datamodule), before, rtol=0, atol=0)
+
+
 def test_plain_defaults_fit_the_data_they_meet(phantom_datamodule, tmp_path: Path) -> None:  # noqa: ANN001
     """``SimpleSliceNet()`` as ``anomalib train --model SimpleSliceNet`` builds it, on the tiny phantom."""
     from lightning.pytorch import seed_everything

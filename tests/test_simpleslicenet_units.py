@@ -11,8 +11,10 @@ from torch.nn import functional as F  # noqa: N812
 from simpleslicenet.models.simpleslicenet import SimpleSliceNet, SimpleSliceNetModel
 from simpleslicenet.models.simpleslicenet.anomaly_map import AnomalyMapGenerator, likelihood_to_score
 from simpleslicenet.models.simpleslicenet.features import (
+    FeatureStandardizer,
     SliceFeatureExtractor,
     aggregate_depth,
+    brain_cell_share,
     channel_pool,
     depth_cell_centres,
     positional_encoding_2d,
@@ -252,6 +254,102 @@ def test_feature_noise_has_the_requested_scale() -> None:
     row_std = mixed.std(dim=1)
     assert ((row_std < 0.03) | (row_std > 0.15)).all()
     assert (row_std < 0.03).any() and (row_std > 0.15).any()
+
+
+def test_feature_noise_scaled_per_dimension() -> None:
+    generator = torch.Generator().manual_seed(0)
+    scale = torch.tensor([0.5, 1.0, 4.0])
+    noised = add_feature_noise(torch.zeros(20000, 3), 0.1, generator=generator, scale=scale)
+    torch.testing.assert_close(noised.std(dim=0), 0.1 * scale, rtol=0.03, atol=0)
+
+
+def test_noise_scale_feature_std_uses_each_dimensions_spread() -> None:
+    """``noise_scale="feature_std"``: the noised copies differ from the features by σ times their spread."""
+    from simpleslicenet.models.simpleslicenet.lightning_model import fit_flow_on_features
+
+    spread = torch.tensor([0.1, 1.0, 10.0])
+    features = torch.randn(8000, 3, generator=torch.Generator().manual_seed(0)) * spread
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        """A linear stand-in for the flow that keeps the rows it is given."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(3))
+
+        def log_likelihood(self, rows: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+            del conditions
+            seen.append(rows.detach().clone())
+            return rows @ self.weight
+
+    flow = Recorder()
+    optimizer = torch.optim.SGD(flow.parameters(), lr=0.0)
+    for scale, expected in (("absolute", torch.full((3,), 0.2)), ("feature_std", 0.2 * spread)):
+        seen.clear()
+        fit_flow_on_features(
+            flow, lambda n, a: (n - a).abs().mean(), features, torch.zeros(8000, 1), optimizer,
+            features_per_step=8000, noise_std=0.2, noise_scale=scale,
+        )
+        normal, noised = seen[0].split(8000)
+        torch.testing.assert_close((noised - normal).std(dim=0), expected, rtol=0.05, atol=0)
+    with pytest.raises(ValueError, match="noise_scale"):
+        fit_flow_on_features(flow, lambda n, a: n.mean(), features, torch.zeros(8000, 1), optimizer, noise_scale="relative")
+
+
+def test_standardizer_is_the_identity_until_fitted_then_standardises() -> None:
+    standardizer = FeatureStandardizer(4)
+    rows = torch.randn(5000, 4, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 2.0, 3.0, 4.0]) + 7.0
+    torch.testing.assert_close(standardizer(rows), rows)
+    standardizer.fit(rows)
+    out = standardizer(rows)
+    torch.testing.assert_close(out.mean(dim=0), torch.zeros(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.std(dim=0), torch.ones(4), atol=1e-4, rtol=0)
+    assert bool(standardizer.fitted) and set(standardizer.state_dict()) == {"mean", "std", "fitted"}
+
+
+def test_brain_cell_share_follows_the_feature_cells() -> None:
+    brain = torch.zeros(6, 8, 8, dtype=torch.bool)
+    brain[0:3, 0:4, 0:4] = True  # the first depth cell's top-left quarter, full
+    brain[3, 4:8, 4:8] = True  # one slice of the second cell's bottom-right quarter
+    share = brain_cell_share(brain, (2, 2), window=3, stride=3)
+    torch.testing.assert_close(share, torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 1 / 3]]]))
+
+
+def test_training_features_of_brain_cells_only(tiny_model: SimpleSliceNetModel, volume: torch.Tensor) -> None:
+    brain = torch.zeros(16, 32, 32, dtype=torch.bool)
+    brain[:, 4:20, 8:24] = True
+    every, every_conditions = tiny_model.training_features(volume, [slice(0, 16)])
+    kept, kept_conditions = tiny_model.training_features(volume, [slice(0, 16)], brain=brain)
+    features = tiny_model.encoder(volume)
+    share = brain_cell_share(brain, features.shape[-2:], tiny_model.depth_window, tiny_model.depth_stride)
+    inside = share.flatten() > 0
+    assert 0 < inside.sum() < inside.numel()
+    torch.testing.assert_close(kept, every[inside])
+    torch.testing.assert_close(kept_conditions, every_conditions[inside])
+
+
+def test_standardised_model_fits_once_and_scores_standardised_rows(volume: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    model = SimpleSliceNetModel(flow_blocks=2, condition_dim=16, smoothing_sigma=1.0, standardize_features=True)
+    rows, _ = model.training_features(volume, [slice(0, 16)])
+    torch.testing.assert_close(rows.mean(dim=0), torch.zeros(model.feature_dim), atol=1e-4, rtol=0)
+    mean = model.standardizer.mean.clone()
+    model.training_features(volume.flip(0) * 0.5, [slice(0, 8), slice(8, 16)])  # a second batch: no refit
+    torch.testing.assert_close(model.standardizer.mean, mean, rtol=0, atol=0)
+    model.eval()
+    cells, conditions = model.volume_cells(model.encoder(volume))
+    expected = model.flow.log_likelihood(model.standardizer(model.to_rows(cells)), model.to_rows(conditions))
+    torch.testing.assert_close(model.log_likelihood_grid(cells, conditions).flatten(), expected.flatten())
+    assert "standardizer.std" in model.state_dict()
+    assert "standardizer.std" not in SimpleSliceNetModel(flow_blocks=2, condition_dim=16).state_dict()
+
+
+def test_unknown_training_options_are_refused() -> None:
+    with pytest.raises(ValueError, match="noise_scale"):
+        SimpleSliceNet(noise_scale="relative")
+    with pytest.raises(ValueError, match="train_cells"):
+        SimpleSliceNet(train_cells="lesion")
 
 
 # --------------------------------------------------------------------------------------- anomaly map

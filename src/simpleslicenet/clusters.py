@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["CONNECTIVITY", "cluster_sizes_ml", "lesion_components"]
+__all__ = ["CONNECTIVITY", "cluster_sizes_ml", "count_lesions", "lesion_components"]
 
 # 26-connectivity: voxels touching by a face, an edge or a corner belong to one component.
 CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
@@ -49,3 +49,13 @@ def lesion_components(
     detected = ndimage.maximum(flagged, lesions, labels).astype(bool) if n_lesions else np.zeros(0, dtype=bool)
     touching = ndimage.maximum(lesion, clusters, np.arange(1, n_clusters + 1)) if n_clusters else np.zeros(0)
     return np.asarray(sizes, dtype=float), np.asarray(detected, dtype=bool), int((np.asarray(touching) == 0).sum())
+
+
+def count_lesions(flagged: np.ndarray, lesion: np.ndarray, voxel_ml: float, min_lesion_ml: float) -> tuple[int, int, int]:
+    """``(lesions, found, false_clusters)`` of one volume, counting lesions of at least ``min_lesion_ml``.
+
+    A NaN ``voxel_ml`` (size unknown) counts no lesion; false clusters are counted all the same.
+    """
+    sizes, detected, false_clusters = lesion_components(flagged, lesion, voxel_ml)
+    large = sizes >= min_lesion_ml
+    return int(large.sum()), int(detected[large].sum()), false_clusters

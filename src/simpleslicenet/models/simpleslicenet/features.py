@@ -21,8 +21,10 @@ from simpleslicenet.models.smoothing import apply_separable
 from .precision import check_precision, encoder_autocast
 
 __all__ = [
+    "FeatureStandardizer",
     "SliceFeatureExtractor",
     "aggregate_depth",
+    "brain_cell_share",
     "channel_pool",
     "depth_average_matrix",
     "depth_cell_centres",
@@ -258,3 +260,39 @@ def positional_encoding_2d(dims: int, height: int, width: int, device: torch.dev
     code_columns = columns.t()[:, None, :].expand(half, height, width)
     code_rows = rows.t()[:, :, None].expand(half, height, width)
     return torch.cat([code_columns, code_rows], dim=0)
+
+
+def brain_cell_share(brain: torch.Tensor, grid: tuple[int, int], window: int = 3, stride: int = 3) -> torch.Tensor:
+    """Share of brain voxels in each depth cell ``[ceil(D / stride), h, w]`` of ONE volume's mask ``[D, H, W]``.
+
+    The same in-plane areas and slice groups as the features of those cells (:func:`aggregate_depth`).
+    """
+    share = F.adaptive_avg_pool2d(brain.float()[:, None], grid)
+    return aggregate_depth(share, window, stride)[:, 0]
+
+
+class FeatureStandardizer(nn.Module):
+    """Per-dimension standardisation of the flow's inputs with statistics fixed from training features.
+
+    Frozen slice features have a per-dimension spread of several units (about 3.5 for EfficientNet-Lite0's
+    stride-4/8 stages on the phantom), so a fixed noise ``σ`` means something different for every backbone
+    and stage; after standardisation ``σ`` is a share of each dimension's own spread. Until
+    :meth:`fit` has run it is the identity. Its statistics are buffers: checkpoints and exported graphs
+    carry them.
+    """
+
+    def __init__(self, dims: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dims))
+        self.register_buffer("std", torch.ones(dims))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def fit(self, rows: torch.Tensor) -> None:
+        """Take the mean and standard deviation of ``rows`` ``[M, C]`` (``M >= 2``)."""
+        self.mean.copy_(rows.mean(dim=0))
+        self.std.copy_(rows.std(dim=0).clamp_min(1e-6))
+        self.fitted.fill_(True)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return (rows - self.mean) / self.std

@@ -41,6 +41,7 @@ def add_feature_noise(
     features: torch.Tensor,
     std: float | Sequence[float] = 0.08,
     generator: torch.Generator | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pseudo-anomalies: ``features + ε`` with ``ε ~ N(0, σ²)`` per element.
 
@@ -49,8 +50,11 @@ def add_feature_noise(
         std: One ``σ``, or several: each row then draws its ``σ`` uniformly from the list (a mixture
             of noise scales).
         generator: Random generator (``None``: torch's global one).
+        scale: ``[C]`` factors of ``σ`` per dimension (e.g. the features' own spread); ``None``: 1.
     """
     noise = torch.randn(features.shape, generator=generator, device=features.device, dtype=features.dtype)
+    if scale is not None:
+        noise = noise * scale
     if isinstance(std, Sequence) and not isinstance(std, str):
         scales = torch.as_tensor(list(std), device=features.device, dtype=features.dtype)
         if len(scales) == 1:

@@ -31,8 +31,10 @@ from simpleslicenet.models.scoring import slice_scores
 
 from .anomaly_map import AnomalyMapGenerator
 from .features import (
+    FeatureStandardizer,
     SliceFeatureExtractor,
     aggregate_depth,
+    brain_cell_share,
     depth_cell_centres,
     positional_encoding_1d,
     positional_encoding_2d,
@@ -60,6 +62,8 @@ class SimpleSliceNetModel(nn.Module):
         clamp: Affine clamping of the couplings (paper: 1.9).
         condition_dim: Size of the 2-D sinusoidal position code (paper: 128).
         depth_position: Append a sinusoidal code of the depth cell's centre slice to the condition.
+        standardize_features: Standardise the flow's inputs per dimension with statistics taken from
+            the first training batch (:class:`.features.FeatureStandardizer`).
         smoothing_sigma: Gaussian smoothing of the map in voxels (paper: 4).
         map_order: Smooth the score or the log-likelihood (see :data:`.anomaly_map.MAP_ORDERS`).
         volumetric: What ``forward`` does in eval mode: one volume (``True``) or independent images.
@@ -84,6 +88,7 @@ class SimpleSliceNetModel(nn.Module):
         clamp: float = 1.9,
         condition_dim: int = 128,
         depth_position: bool = False,
+        standardize_features: bool = False,
         smoothing_sigma: float = 4.0,
         map_order: str = "smooth_then_score",
         volumetric: bool = True,
@@ -112,6 +117,8 @@ class SimpleSliceNetModel(nn.Module):
         self.depth_position = depth_position
         self.volumetric = volumetric
         self.feature_dim = self.encoder.out_dim
+        # Only when asked for: checkpoints of models without it keep loading strictly.
+        self.standardizer = FeatureStandardizer(self.feature_dim) if standardize_features else None
         self.flow = ConditionalFlow(
             dims=self.feature_dim,
             condition_dims=condition_dim + (DEPTH_CONDITION_DIM if depth_position else 0),
@@ -157,33 +164,53 @@ class SimpleSliceNetModel(nn.Module):
         """``[n, C, h, w]`` → ``[n·h·w, C]``, one row per location."""
         return grid.permute(0, 2, 3, 1).flatten(0, 2)
 
+    def flow_inputs(self, rows: torch.Tensor) -> torch.Tensor:
+        """Feature rows as the flow takes them (standardised when the model standardises)."""
+        return rows if self.standardizer is None else self.standardizer(rows)
+
     def training_features(
         self,
         images: torch.Tensor,
         volumes: Sequence[slice] | None = None,
+        brain: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Flow inputs ``[M, C]`` and conditions ``[M, P]`` of a training batch.
+
+        The first call fits the standardiser (``standardize_features``) on its rows.
 
         Args:
             images: ImageNet-normalised slices ``[N, 3, H, W]``.
             volumes: Rows of each whole volume in ``images``; depth cells never mix volumes.
                 ``None`` treats the rows as independent images (no depth aggregation).
+            brain: Brain masks ``[N, H, W]`` of the slices: keep only the cells that hold brain
+                (``None``: every cell).
         """
         with torch.no_grad():
             features = self.encoder(images)
             if volumes is None:
                 grids = [(features, self.conditions(features, None))]
+                shares = None if brain is None else [brain_cell_share(brain, features.shape[-2:], window=1, stride=1)]
             else:
                 grids = [self.volume_cells(features[rows]) for rows in volumes]
+                shares = (
+                    None
+                    if brain is None
+                    else [brain_cell_share(brain[rows], features.shape[-2:], self.depth_window, self.depth_stride) for rows in volumes]
+                )
             rows = torch.cat([self.to_rows(cells) for cells, _ in grids])
             conditions = torch.cat([self.to_rows(condition) for _, condition in grids])
-        return rows, conditions
+            if shares is not None:
+                keep = torch.cat([share.flatten() for share in shares]) > 0
+                rows, conditions = rows[keep], conditions[keep]
+            if self.standardizer is not None and not bool(self.standardizer.fitted):
+                self.standardizer.fit(rows)
+        return self.flow_inputs(rows), conditions
 
     # ----------------------------------------------------------------------------------- inference
     def log_likelihood_grid(self, cells: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
         """Per-dimension log-likelihood ``[n, h, w]`` of a feature grid ``[n, C, h, w]``."""
         count, _, height, width = cells.shape
-        log_likelihood = self.flow.log_likelihood(self.to_rows(cells), self.to_rows(conditions))
+        log_likelihood = self.flow.log_likelihood(self.flow_inputs(self.to_rows(cells)), self.to_rows(conditions))
         return log_likelihood.view(count, height, width)
 
     def predict_volume(self, images: torch.Tensor) -> torch.Tensor:
