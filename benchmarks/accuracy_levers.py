@@ -18,7 +18,10 @@ defaults: 2 mm, 96x96x48, a fixed split):
   (``standardize_features``), the flow trained on brain cells only (``train_cells="brain"``), the
   EfficientNet-Lite1 and Lite2 backbones (same stages; offline weights from the ``backbones`` extra),
   standardised inputs and brain cells together (what ``quick`` is now), and Lightning's
-  ``deterministic=True`` (same settings: what it costs in time, and whether it changes anything).
+  ``deterministic=True`` (same settings: what it costs in time, and whether it changes anything);
+* finer cells, one at a time on ``quick``: a depth cell every slice instead of every third
+  (``depth_stride=1``), no in-plane neighbourhood averaging (``neighbourhood=1``), half the smoothing
+  (``smoothing_sigma=1``, in voxels), and the first two together.
 
 The first two are then tested through ``Engine.test`` (the model's own evaluator, threshold from
 validation) once per inference-time variant, on the same weights: the map order (the authors' smooth
@@ -83,7 +86,16 @@ QUICK_LEVERS = {
     "quick+lite2": {"backbone": "tf_efficientnet_lite2"},
     "quick+standardized+brain cells": {"standardize_features": True, "train_cells": "brain"},
 }
-CONFIGURATIONS = ("plain", "quick", "paper loss", "quick+whole_brain", "quick before", *QUICK_LEVERS, "quick+deterministic")
+# Changes to today's quick configuration: finer cells for small lesions.
+FINER_LEVERS = {
+    "quick+depth stride 1": {"depth_stride": 1},
+    "quick+neighbourhood 1": {"neighbourhood": 1},
+    "quick+smoothing 1": {"smoothing_sigma": 1.0},
+    "quick+neighbourhood 1+depth stride 1": {"neighbourhood": 1, "depth_stride": 1},
+}
+CONFIGURATIONS = (
+    "plain", "quick", "paper loss", "quick+whole_brain", "quick before", *QUICK_LEVERS, "quick+deterministic", *FINER_LEVERS,
+)
 EDGE_SLICES = 3  # "at the slab's edge": the hottest voxel lies within this many slices of either end
 
 
@@ -131,8 +143,8 @@ def _model(configuration: str):  # noqa: ANN202
     if configuration == "paper loss":
         return SimpleSliceNet(**PAPER_TRAINING, **PREVIOUS_QUICK)
     quick = registry.config_init_args(registry.packaged_config("simpleslicenet_phantom.yaml"))
-    if configuration in ("quick", "quick+whole_brain"):
-        return SimpleSliceNet(**quick)
+    if configuration in ("quick", "quick+whole_brain", *FINER_LEVERS):
+        return SimpleSliceNet(**{**quick, **FINER_LEVERS.get(configuration, {})})
     # "quick before", its levers and its deterministic twin.
     return SimpleSliceNet(**{**quick, **PREVIOUS_QUICK, **QUICK_LEVERS.get(configuration, {})})
 

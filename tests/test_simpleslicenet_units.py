@@ -17,6 +17,7 @@ from simpleslicenet.models.simpleslicenet.features import (
     brain_cell_share,
     channel_pool,
     depth_cell_centres,
+    pool_neighbourhood,
     positional_encoding_2d,
 )
 from simpleslicenet.models.simpleslicenet.flow import ConditionalFlow, log_likelihood
@@ -74,6 +75,16 @@ def test_pooled_features_equal_unfolded_on_the_real_backbone(tiny_model, volume)
     maps = backbone(volume[:4])
     pooled = SliceFeatureExtractor(backbone, [40, 112], embed_dim=8).embed(maps)
     torch.testing.assert_close(pooled, unfolded_embedding(maps, 8, 8), rtol=0, atol=1e-5)
+
+
+def test_neighbourhood_one_keeps_every_cell_and_reaches_the_encoder() -> None:
+    features = torch.randn(2, 8, 5, 5)
+    torch.testing.assert_close(pool_neighbourhood(features, 1), features, rtol=0, atol=0)
+    assert not torch.allclose(pool_neighbourhood(features, 3), features)
+    model = SimpleSliceNet(neighbourhood=1, flow_blocks=2, condition_dim=16)
+    assert model.model.encoder.neighbourhood == 1
+    assert model.hparams["neighbourhood"] == 1
+    assert SimpleSliceNet(flow_blocks=2, condition_dim=16).model.encoder.neighbourhood == 3
 
 
 def test_channel_pool_matches_adaptive_pooling_for_any_size() -> None:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from simpleslicenet.atomic import atomic_path, atomic_write_text
+from simpleslicenet.choices import check_choice
 
 __all__ = ["EXECUTORS", "ExecutorSettings", "RunOutcome", "execute_runs", "ray_run", "run_in_process"]
 
@@ -75,9 +76,7 @@ class ExecutorSettings:
     shared_output: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in EXECUTORS:
-            msg = f"unknown executor {self.kind!r}: use one of {EXECUTORS}"
-            raise ValueError(msg)
+        check_choice("executor", self.kind, EXECUTORS)
         for name in ("num_cpus", "num_gpus", "memory_mb"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int | float) or isinstance(value, bool) or value < 0):

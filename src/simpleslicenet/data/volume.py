@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from simpleslicenet.data.geometry import VolumeGeometry, brain_bounding_box, crop_or_pad, crop_start_for
 from simpleslicenet.data.nifti import VolumeError, check_voxel_count, read_mask, read_nifti
+from simpleslicenet.choices import check_choice
 from simpleslicenet.records import SettingsRecord
 
 __all__ = [
@@ -86,17 +87,11 @@ class VolumePreprocessing(SettingsRecord):
                 msg = f"spacing_mm must be a positive number of millimetres, got {self.spacing_mm!r}"
                 raise ValueError(msg)
             object.__setattr__(self, "spacing_mm", spacing)
-        if self.intensity not in INTENSITY_MODES:
-            msg = f"unknown intensity scaling {self.intensity!r}: use one of {INTENSITY_MODES}"
-            raise ValueError(msg)
-        if self.brain_mask not in BRAIN_MASK_SOURCES:
-            msg = f"unknown brain-mask source {self.brain_mask!r}: use one of {BRAIN_MASK_SOURCES}"
-            raise ValueError(msg)
+        check_choice("intensity scaling", self.intensity, INTENSITY_MODES)
+        check_choice("brain-mask source", self.brain_mask, BRAIN_MASK_SOURCES)
         if self.modality is not None:
             object.__setattr__(self, "modality", str(self.modality).lower())
-        if self.crop not in CROP_MODES:
-            msg = f"unknown crop {self.crop!r}: use one of {CROP_MODES}"
-            raise ValueError(msg)
+        check_choice("crop", self.crop, CROP_MODES)
         object.__setattr__(self, "first_slice", int(self.first_slice))
 
     def grid_shape(self, brain: np.ndarray) -> tuple[int, int, int]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F  # noqa: N812
 
+from simpleslicenet.choices import check_choice
 from simpleslicenet.records import SettingsRecord
 
 __all__ = ["VolumeScoring", "VolumeScores", "score_volumes", "slice_scores", "to_slice_grid", "volume_score", "SCORE_MODES"]
@@ -43,9 +44,7 @@ class VolumeScoring(SettingsRecord):
     topk_fraction: float = 0.001
 
     def __post_init__(self) -> None:
-        if self.volume_score_mode not in SCORE_MODES:
-            msg = f"unknown volume_score_mode {self.volume_score_mode!r}: use one of {SCORE_MODES}"
-            raise ValueError(msg)
+        check_choice("volume_score_mode", self.volume_score_mode, SCORE_MODES)
         fraction = float(self.topk_fraction)
         if not 0.0 < fraction <= 1.0:
             msg = f"topk_fraction must lie in (0, 1], got {self.topk_fraction!r}"

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from simpleslicenet.choices import check_choice
+
 __all__ = [
     "LESION_FAMILIES",
     "Lesion",
@@ -87,9 +89,7 @@ class LesionFamily:
     white_matter: bool = False
 
     def __post_init__(self) -> None:
-        if self.style not in LESION_STYLES:
-            msg = f"unknown lesion style {self.style!r}: use one of {LESION_STYLES}"
-            raise ValueError(msg)
+        check_choice("lesion style", self.style, LESION_STYLES)
 
 
 LESION_FAMILIES: dict[str, LesionFamily] = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from simpleslicenet.choices import check_choice
 from simpleslicenet.models.smoothing import resize_and_blur
 
 from .precision import full_precision
@@ -49,9 +50,7 @@ class AnomalyMapGenerator(nn.Module):
 
     def __init__(self, sigma: float = 4.0, order: str = "smooth_then_score") -> None:
         super().__init__()
-        if order not in MAP_ORDERS:
-            msg = f"unknown map order {order!r}: use one of {MAP_ORDERS}"
-            raise ValueError(msg)
+        check_choice("map order", order, MAP_ORDERS)
         self.sigma = sigma
         self.order = order
 

@@ -35,6 +35,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn, optim
 
+from simpleslicenet.choices import check_choice
 from simpleslicenet.models.backbones import DEFAULT_BACKBONE, imagenet_pre_processor, layers_for_slice_size
 from simpleslicenet.models.scoring import VolumeScoring, slice_scores
 from simpleslicenet.models.volume_model import VolumeModelMixin
@@ -110,9 +111,7 @@ def fit_flow_on_features(
     Returns:
         Mean loss over the steps (detached).
     """
-    if noise_scale not in NOISE_SCALES:
-        msg = f"unknown noise_scale {noise_scale!r}: use one of {NOISE_SCALES}"
-        raise ValueError(msg)
+    check_choice("noise_scale", noise_scale, NOISE_SCALES)
     scale = features.std(dim=0) if noise_scale == "feature_std" else None
     order = torch.randperm(features.shape[0], device=features.device)
     losses = []
@@ -146,6 +145,7 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
             stages do on 192×192 slices (stride 4/8 on 96×96 slices), and stored with the model.
         backbone_weights: ``"imagenet"``, a local ``.pth``/``.safetensors`` file, or ``"random"``.
         embed_dim: Feature size per location (paper: 512); ``None`` concatenates the stages' channels.
+        neighbourhood: Local averaging window on each feature map, in cells (paper: 3).
         depth_window: Slices averaged per depth cell (paper: 3).
         depth_stride: Slices between depth cells (paper: 3; 1 keeps full depth resolution).
         flow_blocks: Coupling blocks of the flow (paper: 8).
@@ -197,6 +197,7 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
         layers: Sequence[str | int] | Literal["auto"] | None = AUTO,
         backbone_weights: str | os.PathLike | None = "imagenet",
         embed_dim: int | None = None,
+        neighbourhood: int = 3,
         depth_window: int = 3,
         depth_stride: int = 3,
         flow_blocks: int = 8,
@@ -233,16 +234,10 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
-        if mode not in MODES:
-            msg = f"unknown mode {mode!r}: use one of {MODES}"
-            raise ValueError(msg)
+        check_choice("mode", mode, MODES)
         self.scoring = VolumeScoring(volume_score_mode, topk_fraction)
-        if noise_scale not in NOISE_SCALES:
-            msg = f"unknown noise_scale {noise_scale!r}: use one of {NOISE_SCALES}"
-            raise ValueError(msg)
-        if train_cells not in TRAIN_CELLS:
-            msg = f"unknown train_cells {train_cells!r}: use one of {TRAIN_CELLS}"
-            raise ValueError(msg)
+        check_choice("noise_scale", noise_scale, NOISE_SCALES)
+        check_choice("train_cells", train_cells, TRAIN_CELLS)
         if features_per_step < 2:
             msg = f"features_per_step must be at least 2, got {features_per_step}"
             raise ValueError(msg)
@@ -257,6 +252,7 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
             "layers": layers,
             "backbone_weights": backbone_weights,
             "embed_dim": embed_dim,
+            "neighbourhood": neighbourhood,
             "depth_window": depth_window,
             "depth_stride": depth_stride,
             "flow_blocks": flow_blocks,

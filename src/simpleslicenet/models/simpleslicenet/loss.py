@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from simpleslicenet.choices import check_choice
+
 __all__ = [
     "BoundaryGuidedSemiPushPullLoss",
     "TripletLikelihoodLoss",
@@ -250,7 +252,5 @@ def create_loss(name: str) -> nn.Module:
     Raises:
         ValueError: Unknown name.
     """
-    if name not in LOSSES:
-        msg = f"unknown loss {name!r}: use one of {', '.join(map(repr, LOSSES))}"
-        raise ValueError(msg)
+    check_choice("loss", name, LOSSES)
     return LOSSES[name]()
