@@ -346,6 +346,10 @@ def predict_paths(
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-writer")
         pending: Future | None = None
         try:
+            # The writer's one thread starts before the staging folder exists: a thread started inside a
+            # later submit() that a signal interrupts is never joined by shutdown(), and its write would
+            # make the staging folder again after the cleanup below.
+            writer.submit(int).result()
             staging.mkdir()
             for scan in tqdm(scans, desc="predict", unit="scan", disable=not progress):
                 try:
@@ -377,7 +381,9 @@ def predict_paths(
             with _signals_deferred():
                 replace_directory(staging, output)
         finally:
-            writer.shutdown(wait=True, cancel_futures=True)  # nothing writes into the staging folder once it goes
-            with _signals_deferred():  # a second Ctrl-C must not cut the cleanup short
-                shutil.rmtree(staging, ignore_errors=True)  # nothing left after a success: it became the output
+            try:
+                writer.shutdown(wait=True, cancel_futures=True)  # nothing writes into the staging folder once it goes
+            finally:
+                with _signals_deferred():  # a second Ctrl-C must not cut the cleanup short
+                    shutil.rmtree(staging, ignore_errors=True)  # nothing left after a success: it became the output
     return report
