@@ -136,6 +136,9 @@ def reference_scores(anomaly_map: torch.Tensor, brain: torch.Tensor, rows: list[
     maps, scores = anomaly_map.clone(), torch.empty(anomaly_map.shape[0])
     for part in rows:
         volume, mask = maps[part], brain[part]
+        if scoring.map_reference == "brain_median":
+            volume = volume - (volume[mask] if mask.any() else volume).median()
+            maps[part] = volume
         if mask.any():
             volume = torch.where(mask, volume, volume[mask].min())
             maps[part] = volume
@@ -146,14 +149,14 @@ def reference_scores(anomaly_map: torch.Tensor, brain: torch.Tensor, rows: list[
     return maps, scores
 
 
-@pytest.mark.parametrize("mode", ["max", "topk_mean"])
-def test_scoring_without_device_waits_matches_the_reference_loop(mode: str) -> None:
+@pytest.mark.parametrize(("mode", "reference"), [("max", "none"), ("topk_mean", "none"), ("max", "brain_median"), ("topk_mean", "brain_median")])
+def test_scoring_without_device_waits_matches_the_reference_loop(mode: str, reference: str) -> None:
     torch.manual_seed(1)
     anomaly_map = torch.randn(20, 24, 24)
     brain = torch.rand(20, 24, 24) > 0.4
     brain[12:16] = False  # a volume without brain voxels keeps all of them
     rows = [slice(0, 12), slice(12, 16), slice(16, 20)]
-    scoring = VolumeScoring(mode, 0.013)
+    scoring = VolumeScoring(mode, 0.013, reference)
     scores = score_volumes(anomaly_map, brain, rows, scoring)
     maps, volume_scores = reference_scores(anomaly_map, brain, rows, scoring)
     torch.testing.assert_close(scores.anomaly_map, maps)
@@ -161,10 +164,11 @@ def test_scoring_without_device_waits_matches_the_reference_loop(mode: str) -> N
     torch.testing.assert_close(scores.slice_scores, maps.flatten(1).amax(dim=1))
 
 
-def test_inference_and_scoring_capture_as_one_graph(fp32_model: SimpleSliceNetModel, phantom_slices) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("reference", ["none", "brain_median"])
+def test_inference_and_scoring_capture_as_one_graph(fp32_model: SimpleSliceNetModel, phantom_slices, reference: str) -> None:  # noqa: ANN001
     """No graph break: no branch on the data and no shape made from it (CUDA graphs and fullgraph compile need that)."""
     slices, brain = phantom_slices
-    scoring = VolumeScoring("topk_mean", 0.01)
+    scoring = VolumeScoring("topk_mean", 0.01, reference)
 
     def predict_and_score(images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores = score_volumes(fp32_model.predict_volume(images), mask, None, scoring)

@@ -46,7 +46,7 @@ def metadata(**changes: object) -> dict:
     record = {
         "class_path": CLASS_PATH,
         "preprocessing": VolumePreprocessing(target_shape=GRID, spacing_mm=2.0, modality="t2").to_dict(),
-        "scoring": {"volume_score_mode": "max", "topk_fraction": 0.001},
+        "scoring": {"volume_score_mode": "max", "topk_fraction": 0.001, "map_reference": "brain_median"},
         "dice_threshold": 0.5,
     }
     record.update(changes)
@@ -213,6 +213,7 @@ def test_own_checkpoint_loads_without_code_and_predicts(
         (json.dumps(metadata(preprocessing={"colour": "red"})), "unknown keys"),
         (json.dumps(metadata(scoring={"volume_score_mode": "median"})), "invalid simpleslicenet metadata .*volume_score_mode"),
         (json.dumps(metadata(scoring={"topk_fraction": [1]})), "invalid simpleslicenet metadata"),
+        (json.dumps(metadata(scoring={"map_reference": "peak"})), "invalid simpleslicenet metadata .*map_reference"),
         ("x" * 70_000, "characters; ours are far shorter"),
     ],
 )
@@ -226,6 +227,9 @@ def test_valid_metadata_round_trips() -> None:
     parsed = parse_metadata(metadata(), "model.ckpt")
     assert parsed.to_dict() == metadata()
     assert parsed.preprocessing.target_shape == GRID and parsed.dice_threshold == 0.5
+    # Models exported before the map reference existed keep their uncentred scoring.
+    older = parse_metadata(metadata(scoring={"volume_score_mode": "max", "topk_fraction": 0.001}), "model.ckpt")
+    assert older.scoring.map_reference == "none"
 
 
 # --- exported graphs ----------------------------------------------------------------------------

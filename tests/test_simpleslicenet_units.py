@@ -406,6 +406,65 @@ def test_authors_order_smooths_the_likelihood_with_scipys_defaults() -> None:
         AnomalyMapGenerator(order="smooth_first")
 
 
+def test_map_without_reference_is_the_smoothed_negative_log_likelihood() -> None:
+    torch.manual_seed(0)
+    grid = -torch.rand(5, 4, 6) * 3
+    size = (15, 12, 18)
+    negative = AnomalyMapGenerator(sigma=2.0, reference="none").volume_map(grid, size)
+    peak = AnomalyMapGenerator(sigma=2.0, order="smooth_then_score").volume_map(grid, size)
+    # The paper's map is a per-volume function of this one: 1 − exp(ℓ − max ℓ) with ℓ = −map.
+    torch.testing.assert_close(peak, 1 - torch.exp(-negative - (-negative).max()), rtol=0, atol=1e-6)
+    # A shift of every log-likelihood shifts the map by as much (the peak reference would hide it).
+    torch.testing.assert_close(AnomalyMapGenerator(sigma=2.0, reference="none").volume_map(grid - 1.5, size), negative + 1.5)
+    with pytest.raises(ValueError, match="unknown map reference 'median'"):
+        AnomalyMapGenerator(reference="median")
+
+
+def test_brain_median_reference_centres_each_volume_on_its_own_brain() -> None:
+    from simpleslicenet.models.scoring import VolumeScoring, score_volumes
+
+    torch.manual_seed(0)
+    raw = torch.randn(12, 16, 16)
+    brain = torch.zeros(12, 16, 16, dtype=torch.bool)
+    brain[:, 4:12, 4:12] = True
+    raw[:, :4] = 50.0  # background far above the brain: outside the mask it must not move the centre
+    rows = [slice(0, 6), slice(6, 12)]
+    centred = score_volumes(raw, brain, rows, VolumeScoring(map_reference="brain_median"))
+    for part in rows:
+        inside = centred.anomaly_map[part][brain[part]]
+        assert inside.median().abs() < 1e-6
+        expected = raw[part][brain[part]].max() - raw[part][brain[part]].median()
+        torch.testing.assert_close(centred.volume_scores[part][0], expected)
+    # An offset of one whole volume's map changes none of its centred scores; uncentred, it does.
+    shifted = raw.clone()
+    shifted[6:] += 3.0
+    again = score_volumes(shifted, brain, rows, VolumeScoring(map_reference="brain_median"))
+    torch.testing.assert_close(again.anomaly_map, centred.anomaly_map, rtol=0, atol=1e-5)
+    torch.testing.assert_close(again.volume_scores, centred.volume_scores, rtol=0, atol=1e-5)
+    plain = score_volumes(shifted, brain, rows, VolumeScoring()).volume_scores
+    assert plain[6] - score_volumes(raw, brain, rows, VolumeScoring()).volume_scores[6] == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="unknown map_reference"):
+        VolumeScoring(map_reference="peak")
+
+
+def test_map_reference_setting_reaches_the_graph_and_the_scoring() -> None:
+    default = SimpleSliceNet(flow_blocks=1, backbone_weights="random")
+    assert default.scoring.map_reference == "brain_median"
+    assert default.model.anomaly_map_generator.reference == "none"
+    paper = SimpleSliceNet(flow_blocks=1, backbone_weights="random", map_reference="peak")
+    assert paper.scoring.map_reference == "none"
+    assert paper.model.anomaly_map_generator.reference == "peak"
+    assert default.metadata()["scoring"]["map_reference"] == "brain_median"
+    with pytest.raises(ValueError, match="unknown map_reference"):
+        SimpleSliceNet(flow_blocks=1, backbone_weights="random", map_reference="none")
+    # A checkpoint saved before the setting existed keeps the map it was trained and validated with.
+    older = SimpleSliceNet(flow_blocks=1, backbone_weights="random")
+    hyper_parameters = {key: value for key, value in older.hparams.items() if key != "map_reference"}
+    older.on_load_checkpoint({"hyper_parameters": hyper_parameters, "simpleslicenet": {"scoring": {"volume_score_mode": "max", "topk_fraction": 0.001}}})
+    assert older.model.anomaly_map_generator.reference == "peak"
+    assert older.scoring.map_reference == "none"
+
+
 # -------------------------------------------------------------------------------------- torch model
 def test_forward_gives_slice_scores_and_a_voxel_map(tiny_model, volume) -> None:
     with torch.no_grad():

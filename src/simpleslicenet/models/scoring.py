@@ -4,6 +4,9 @@ A model's job ends at its raw voxel map ``[N, H, W]`` (the slices of one or more
 :func:`score_volumes` then, per volume,
 
 * brings the map onto the volume's slice grid (models that resize slices internally return smaller maps),
+* optionally centres it on the volume's median brain voxel (``VolumeScoring(map_reference="brain_median")``):
+  a scan's map is then measured against its own typical brain tissue, which takes out a per-scan offset of
+  the whole map (SimpleSliceNet's default, README "Detection");
 * restricts it to the brain: outside the brain every voxel gets the volume's lowest brain score. Scans
   are skull-stripped, so nothing there can be a lesion; left in, responses to the background and the
   crop border would decide the scores. The floor is the volume's own minimum, not 0, because some
@@ -22,9 +25,13 @@ from torch.nn import functional as F  # noqa: N812
 from simpleslicenet.choices import check_choice
 from simpleslicenet.records import SettingsRecord
 
-__all__ = ["VolumeScoring", "VolumeScores", "score_volumes", "slice_scores", "to_slice_grid", "volume_score", "SCORE_MODES"]
+__all__ = [
+    "MAP_REFERENCES", "SCORE_MODES", "VolumeScoring", "VolumeScores", "score_volumes", "slice_scores", "to_slice_grid", "volume_score",
+]
 
 SCORE_MODES = ("max", "topk_mean")
+# "none": the model's map as it is; "brain_median": minus the volume's median brain-voxel score.
+MAP_REFERENCES = ("none", "brain_median")
 
 
 @dataclass(frozen=True)
@@ -35,16 +42,20 @@ class VolumeScoring(SettingsRecord):
         volume_score_mode: ``"max"`` or ``"topk_mean"`` (mean of the highest ``topk_fraction`` of the
             brain voxels; less sensitive to a single hot voxel than the maximum).
         topk_fraction: Share of brain voxels averaged in ``"topk_mean"`` mode.
+        map_reference: ``"none"`` or ``"brain_median"``: subtract the volume's median brain-voxel
+            score from its map before anything else (see :data:`MAP_REFERENCES`).
 
     Raises:
-        ValueError: An unknown mode or a fraction outside (0, 1].
+        ValueError: An unknown mode or reference, or a fraction outside (0, 1].
     """
 
     volume_score_mode: str = "max"
     topk_fraction: float = 0.001
+    map_reference: str = "none"
 
     def __post_init__(self) -> None:
         check_choice("volume_score_mode", self.volume_score_mode, SCORE_MODES)
+        check_choice("map_reference", self.map_reference, MAP_REFERENCES)
         fraction = float(self.topk_fraction)
         if not 0.0 < fraction <= 1.0:
             msg = f"topk_fraction must lie in (0, 1], got {self.topk_fraction!r}"
@@ -136,11 +147,16 @@ def score_volumes(
     for rows in rows_of_volumes:
         volume = maps[rows]
         if brain_mask is None:
+            volume = volume - volume.median() if scoring.map_reference == "brain_median" else volume
+            maps[rows] = volume
             volume_scores[rows] = volume_score(volume, scoring)
             continue
         brain = brain_mask[rows].bool()
         # A volume without brain voxels keeps every voxel (tensor algebra, not an if on the device's data).
         counted = brain | ~brain.any()
+        if scoring.map_reference == "brain_median":
+            # NaN outside the brain rather than indexing it out: no shape made from the data.
+            volume = volume - torch.where(counted, volume, float("nan")).nanmedian()
         floor = torch.where(brain, volume, float("inf")).amin()
         maps[rows] = torch.where(counted, volume, floor)
         volume_scores[rows] = volume_score(volume, scoring, mask=counted)

@@ -17,13 +17,19 @@ from simpleslicenet.models.smoothing import resize_and_blur
 
 from .precision import full_precision
 
-__all__ = ["MAP_ORDERS", "AnomalyMapGenerator", "likelihood_to_score"]
+__all__ = ["MAP_ORDERS", "MAP_REFERENCES", "AnomalyMapGenerator", "likelihood_to_score"]
 
 # "smooth_then_score" (the default): resize and smooth ℓ itself, then the score, with scipy's
 # gaussian_filter defaults (4σ, mirrored borders), the order of the authors' code; on the phantom it
 # gave a higher voxel AUPRC for every seed (benchmarks/accuracy_levers.py). "score_then_smooth":
 # 1 − exp(ℓ − max ℓ) on the cell grid, then resize and smooth (replicate borders, 3σ).
 MAP_ORDERS = ("score_then_smooth", "smooth_then_score")
+# What the map is measured against inside the model. "peak" (the paper's): 1 − exp(ℓ − max ℓ), the
+# volume's own most likely cell. "none": the smoothed negative log-likelihood −ℓ itself, left for the
+# scoring step to centre on the scan's median brain voxel (VolumeScoring(map_reference="brain_median")),
+# which needs the brain mask the graph does not take. A single extreme cell sets the peak; the median
+# of a scan's brain is a steadier measure of its level (README "Detection").
+MAP_REFERENCES = ("peak", "none")
 
 
 def likelihood_to_score(log_likelihood: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -45,35 +51,39 @@ class AnomalyMapGenerator(nn.Module):
 
     Args:
         sigma: Standard deviation of the Gaussian smoothing in voxels (paper: 4); ``0`` turns it off.
-        order: One of :data:`MAP_ORDERS`.
+        order: One of :data:`MAP_ORDERS` (with ``reference="peak"``).
+        reference: One of :data:`MAP_REFERENCES`. With ``"none"`` the map is ``−ℓ`` smoothed as in
+            ``"smooth_then_score"`` and ``order`` has no effect.
     """
 
-    def __init__(self, sigma: float = 4.0, order: str = "smooth_then_score") -> None:
+    def __init__(self, sigma: float = 4.0, order: str = "smooth_then_score", reference: str = "peak") -> None:
         super().__init__()
         check_choice("map order", order, MAP_ORDERS)
+        check_choice("map reference", reference, MAP_REFERENCES)
         self.sigma = sigma
         self.order = order
+        self.reference = reference
 
     def _map(self, log_likelihood: torch.Tensor, size: tuple[int, ...], dims: tuple[int, ...] | None) -> torch.Tensor:
         with full_precision(log_likelihood.device.type):
             log_likelihood = log_likelihood.float()
-            if self.order == "score_then_smooth":
+            if self.reference == "peak" and self.order == "score_then_smooth":
                 return resize_and_blur(likelihood_to_score(log_likelihood, dims), size, self.sigma)
             smoothed = resize_and_blur(log_likelihood, size, self.sigma, truncate=4.0, mode="reflect")
-            return likelihood_to_score(smoothed, dims)
+            return likelihood_to_score(smoothed, dims) if self.reference == "peak" else -smoothed
 
     def volume_map(self, log_likelihood: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
         """Voxel map ``[D, H, W]`` of ONE volume from its cell grid ``[d, h, w]``.
 
-        The score is normalised by the volume's own most likely cell; upsampling is trilinear and the
-        smoothing 3-D, before or after the score as ``order`` says.
+        With ``reference="peak"`` the score is normalised by the volume's own most likely cell;
+        upsampling is trilinear and the smoothing 3-D, before or after the score as ``order`` says.
         """
         return self._map(log_likelihood, size, None)
 
     def image_maps(self, log_likelihood: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Pixel maps ``[N, H, W]`` of independent images from their grids ``[N, h, w]``.
 
-        Each image is normalised by its own most likely location and smoothed in 2-D.
+        Smoothed in 2-D; with ``reference="peak"`` each image is normalised by its own most likely location.
         """
         return self._map(log_likelihood, size, (1, 2))
 

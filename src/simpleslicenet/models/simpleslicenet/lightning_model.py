@@ -52,6 +52,8 @@ MODES = ("auto", "3d", "2d")
 NOISE_SCALES = ("absolute", "feature_std")
 # Which depth cells train the flow: all of them, or those that hold brain.
 TRAIN_CELLS = ("all", "brain")
+# What a volume's map is measured against: its median brain voxel, or its most likely cell (the paper's).
+MAP_REFERENCES = ("brain_median", "peak")
 
 
 AUTO = "auto"
@@ -178,6 +180,14 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
             4 mm in the training scans' voxels (2 at 2 mm), resolved and stored like ``layers``.
         map_order: ``"smooth_then_score"`` (smooth ``ℓ`` first, as the authors' code does; the default)
             or ``"score_then_smooth"`` (smooth ``1 − exp(ℓ − max ℓ)``); see :data:`.anomaly_map.MAP_ORDERS`.
+            Applies with ``map_reference="peak"``.
+        map_reference: What a volume's map is measured against. ``"brain_median"`` (the default): the
+            map is the smoothed negative log-likelihood minus that of the volume's median brain voxel, so
+            0 is the scan's typical brain tissue and a lesion scores its deficit in nats per feature
+            dimension; on the phantom it raised volume AUROC, Dice and lesions found over the paper's
+            ``"peak"``: ``1 − exp(ℓ − max ℓ)``, measured against the volume's single most likely cell
+            (README "Detection"). The centring needs the brain mask, so it is part of the scoring step
+            (:class:`~simpleslicenet.models.scoring.VolumeScoring`), also in deployment.
         volume_score_mode: ``"max"`` or ``"topk_mean"`` of the brain-masked voxel map.
         topk_fraction: Share of brain voxels averaged in ``"topk_mean"`` mode.
         mode: ``"auto"``, ``"3d"`` or ``"2d"``.
@@ -213,6 +223,7 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
         features_per_step: int = 1024,
         smoothing_sigma: float | Literal["auto"] = AUTO,
         map_order: Literal["score_then_smooth", "smooth_then_score"] = "smooth_then_score",
+        map_reference: Literal["brain_median", "peak"] = "brain_median",
         volume_score_mode: str = "max",
         topk_fraction: float = 0.001,
         mode: str = "auto",
@@ -235,7 +246,8 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
             visualizer=visualizer,
         )
         check_choice("mode", mode, MODES)
-        self.scoring = VolumeScoring(volume_score_mode, topk_fraction)
+        check_choice("map_reference", map_reference, MAP_REFERENCES)
+        self.scoring = VolumeScoring(volume_score_mode, topk_fraction, "none" if map_reference == "peak" else map_reference)
         check_choice("noise_scale", noise_scale, NOISE_SCALES)
         check_choice("train_cells", train_cells, TRAIN_CELLS)
         if features_per_step < 2:
@@ -262,6 +274,8 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
             "standardize_features": standardize_features,
             "smoothing_sigma": smoothing_sigma,
             "map_order": map_order,
+            # The graph leaves the map uncentred; the scoring step centres it on the brain median.
+            "map_reference": "peak" if map_reference == "peak" else "none",
             "volumetric": mode != "2d",
             "channels_last": channels_last,
             "compile_mode": compile_mode,
@@ -309,7 +323,8 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Take the checkpoint's resolved ``layers`` and smoothing before its weights are loaded.
 
-        So ``trainer.test(model, ckpt_path=...)`` works whatever this instance was built with.
+        So ``trainer.test(model, ckpt_path=...)`` works whatever this instance was built with. A
+        checkpoint from before ``map_reference`` existed keeps the paper's map it was made with.
         """
         stored = checkpoint.get("hyper_parameters") or {}
         changes = {
@@ -319,6 +334,10 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
         }
         if changes:
             self._take_settings(changes)
+        if stored and "map_reference" not in stored:
+            # Saved before the setting existed: such a model made the paper's map (and stored uncentred scoring).
+            self.model.anomaly_map_generator.reference = "peak"
+            self.hparams["map_reference"] = "peak"
         super().on_load_checkpoint(checkpoint)
 
     def _take_settings(self, changes: dict[str, Any]) -> None:

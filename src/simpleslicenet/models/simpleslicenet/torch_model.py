@@ -66,6 +66,8 @@ class SimpleSliceNetModel(nn.Module):
             the first training batch (:class:`.features.FeatureStandardizer`).
         smoothing_sigma: Gaussian smoothing of the map in voxels (paper: 4).
         map_order: Smooth the score or the log-likelihood (see :data:`.anomaly_map.MAP_ORDERS`).
+        map_reference: ``"peak"`` (``1 − exp(ℓ − max ℓ)``) or ``"none"`` (``−ℓ``, centred later by the
+            scoring step); see :data:`.anomaly_map.MAP_REFERENCES`.
         volumetric: What ``forward`` does in eval mode: one volume (``True``) or independent images.
         precision: ``"fp32"`` or ``"bf16"`` (slice encoder under bf16 autocast).
         channels_last: Channels-last layout for the backbone and its input.
@@ -91,6 +93,7 @@ class SimpleSliceNetModel(nn.Module):
         standardize_features: bool = False,
         smoothing_sigma: float = 4.0,
         map_order: str = "smooth_then_score",
+        map_reference: str = "peak",
         volumetric: bool = True,
         precision: str = "fp32",
         channels_last: bool = False,
@@ -125,7 +128,7 @@ class SimpleSliceNetModel(nn.Module):
             blocks=flow_blocks,
             clamp=clamp,
         )
-        self.anomaly_map_generator = AnomalyMapGenerator(sigma=smoothing_sigma, order=map_order)
+        self.anomaly_map_generator = AnomalyMapGenerator(sigma=smoothing_sigma, order=map_order, reference=map_reference)
         self.compile_mode = compile_mode
         if compile_mode is not None:
             # In place (nn.Module.compile): parameters, state dict and every caller stay as they are.
