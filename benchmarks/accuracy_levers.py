@@ -157,6 +157,7 @@ def run(seeds: list[int], epochs: int, workdir: Path, configurations: list[str],
     from simpleslicenet.data.datamodules.phantom import BrainPhantom
     from simpleslicenet.metrics.breakdown import MetricBreakdown
     from simpleslicenet.models.scoring import VolumeScoring
+    from simpleslicenet.models.simpleslicenet.lightning_model import split_map_reference
 
     records = []
     for configuration in configurations:
@@ -170,10 +171,10 @@ def run(seeds: list[int], epochs: int, workdir: Path, configurations: list[str],
             engine.fit(model, datamodule=datamodule)
             train_s = time.perf_counter() - start
             for label, reference, order, mode, fraction in VARIANTS if variants and configuration in CONFIGURATIONS[:2] else VARIANTS[:1]:
-                # The graph leaves the map uncentred for the brain-median reference; scoring centres it.
-                model.model.anomaly_map_generator.reference = "peak" if reference == "peak" else "none"
+                graph_reference, scoring_reference = split_map_reference(reference)
+                model.model.anomaly_map_generator.reference = graph_reference
                 model.model.anomaly_map_generator.order = order
-                model.scoring = VolumeScoring(mode, fraction, "none" if reference == "peak" else reference)
+                model.scoring = VolumeScoring(mode, fraction, scoring_reference)
                 hottest, breakdown = HottestSlice(), MetricBreakdown()
                 tester = _engine(folder, epochs, callbacks=[hottest, breakdown])
                 # The Dice threshold is chosen again on validation maps made the same way as the test maps.

@@ -43,7 +43,7 @@ from simpleslicenet.models.volume_model import VolumeModelMixin
 from .loss import add_feature_noise, create_loss
 from .torch_model import SimpleSliceNetModel
 
-__all__ = ["SimpleSliceNet", "fit_flow_on_features"]
+__all__ = ["SimpleSliceNet", "fit_flow_on_features", "split_map_reference"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,17 @@ NOISE_SCALES = ("absolute", "feature_std")
 TRAIN_CELLS = ("all", "brain")
 # What a volume's map is measured against: its median brain voxel, or its most likely cell (the paper's).
 MAP_REFERENCES = ("brain_median", "peak")
+
+
+def split_map_reference(map_reference: str) -> tuple[str, str]:
+    """Where each part of ``map_reference`` happens: ``(graph's map reference, scoring step's map reference)``.
+
+    ``"peak"`` is done in the graph (``1 − exp(ℓ − max ℓ)``) and the scoring leaves it as it is;
+    ``"brain_median"`` needs the brain mask, so the graph leaves ``−ℓ`` uncentred and the scoring step
+    (:class:`~simpleslicenet.models.scoring.VolumeScoring`) centres it.
+    """
+    check_choice("map_reference", map_reference, MAP_REFERENCES)
+    return ("peak", "none") if map_reference == "peak" else ("none", map_reference)
 
 
 AUTO = "auto"
@@ -246,8 +257,8 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
             visualizer=visualizer,
         )
         check_choice("mode", mode, MODES)
-        check_choice("map_reference", map_reference, MAP_REFERENCES)
-        self.scoring = VolumeScoring(volume_score_mode, topk_fraction, "none" if map_reference == "peak" else map_reference)
+        graph_reference, scoring_reference = split_map_reference(map_reference)
+        self.scoring = VolumeScoring(volume_score_mode, topk_fraction, scoring_reference)
         check_choice("noise_scale", noise_scale, NOISE_SCALES)
         check_choice("train_cells", train_cells, TRAIN_CELLS)
         if features_per_step < 2:
@@ -274,8 +285,7 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
             "standardize_features": standardize_features,
             "smoothing_sigma": smoothing_sigma,
             "map_order": map_order,
-            # The graph leaves the map uncentred; the scoring step centres it on the brain median.
-            "map_reference": "peak" if map_reference == "peak" else "none",
+            "map_reference": graph_reference,
             "volumetric": mode != "2d",
             "channels_last": channels_last,
             "compile_mode": compile_mode,
