@@ -164,11 +164,11 @@ def test_scoring_without_device_waits_matches_the_reference_loop(mode: str, refe
     torch.testing.assert_close(scores.slice_scores, maps.flatten(1).amax(dim=1))
 
 
-@pytest.mark.parametrize("reference", ["none", "brain_median"])
-def test_inference_and_scoring_capture_as_one_graph(fp32_model: SimpleSliceNetModel, phantom_slices, reference: str) -> None:  # noqa: ANN001
+@pytest.mark.parametrize(("reference", "smoothing"), [("none", 0.0), ("brain_median", 0.0), ("brain_median", 2.0)])
+def test_inference_and_scoring_capture_as_one_graph(fp32_model: SimpleSliceNetModel, phantom_slices, reference: str, smoothing: float) -> None:  # noqa: ANN001
     """No graph break: no branch on the data and no shape made from it (CUDA graphs and fullgraph compile need that)."""
     slices, brain = phantom_slices
-    scoring = VolumeScoring("topk_mean", 0.01, reference)
+    scoring = VolumeScoring("topk_mean", 0.01, reference, smoothing)
 
     def predict_and_score(images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores = score_volumes(fp32_model.predict_volume(images), mask, None, scoring)

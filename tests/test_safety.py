@@ -46,7 +46,7 @@ def metadata(**changes: object) -> dict:
     record = {
         "class_path": CLASS_PATH,
         "preprocessing": VolumePreprocessing(target_shape=GRID, spacing_mm=2.0, modality="t2").to_dict(),
-        "scoring": {"volume_score_mode": "max", "topk_fraction": 0.001, "map_reference": "brain_median"},
+        "scoring": {"volume_score_mode": "max", "topk_fraction": 0.001, "map_reference": "brain_median", "smoothing_sigma": 2.0},
         "dice_threshold": 0.5,
     }
     record.update(changes)
@@ -230,6 +230,7 @@ def test_valid_metadata_round_trips() -> None:
     # Models exported before the map reference existed keep their uncentred scoring.
     older = parse_metadata(metadata(scoring={"volume_score_mode": "max", "topk_fraction": 0.001}), "model.ckpt")
     assert older.scoring.map_reference == "none"
+    assert older.scoring.smoothing_sigma == 0.0  # and the map the graph smoothed is not smoothed again
 
 
 # --- exported graphs ----------------------------------------------------------------------------

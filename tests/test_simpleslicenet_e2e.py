@@ -114,10 +114,11 @@ def test_plain_defaults_fit_the_data_they_meet(phantom_datamodule, tmp_path: Pat
     # 32x32 slices: the stride-4/8 stages give 8x8 locations (stride 8/16 would leave 4x4); 4 mm voxels:
     # the paper's 4 mm of smoothing is 1 voxel.
     assert model.hparams["layers"] == ["blocks.1", "blocks.2"] and model.hparams["smoothing_sigma"] == 1.0
-    assert model.model.feature_dim == 24 + 40 and model.model.anomaly_map_generator.sigma == 1.0
+    assert model.model.feature_dim == 24 + 40 and model.scoring.smoothing_sigma == 1.0
+    assert model.model.anomaly_map_generator.sigma == 0.0  # the smoothing is the scoring step's, within the brain
     (metrics,) = engine.test(model, datamodule=phantom_datamodule)
-    # Seeds 0 and 1 gave voxel AUROC 0.83 and 0.89 (the stride-8/16 stages with 4 voxels of smoothing:
-    # 0.74 and 0.78); chance is 0.5.
+    # Seed 0 gives voxel AUROC 0.80 (smoothed over the slab, seeds 0 and 1 gave 0.83 and 0.89; the
+    # stride-8/16 stages with 4 voxels of smoothing: 0.74 and 0.78); chance is 0.5.
     assert metrics["voxel_AUROC"] > 0.75
 
 

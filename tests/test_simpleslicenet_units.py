@@ -447,6 +447,52 @@ def test_brain_median_reference_centres_each_volume_on_its_own_brain() -> None:
         VolumeScoring(map_reference="peak")
 
 
+def test_smoothing_within_the_brain_matches_masked_scipy_filters() -> None:
+    import numpy as np
+    from scipy import ndimage
+
+    from simpleslicenet.models.smoothing import masked_gaussian_blur_3d
+
+    torch.manual_seed(0)
+    volume = torch.randn(10, 14, 12, dtype=torch.float64)
+    brain = torch.zeros(10, 14, 12, dtype=torch.bool)
+    brain[2:9, 3:12, 2:10] = True
+    brain[5, 3:6, 2:5] = False  # a hole: it must not count either
+    smoothed = masked_gaussian_blur_3d(volume, brain, 1.5)
+    # Normalised convolution, written with scipy's filter (mirrored ends, radius 4 sigma).
+    inside = ndimage.gaussian_filter(np.where(brain, volume.numpy(), 0.0), 1.5, mode="reflect", truncate=4.0)
+    weight = ndimage.gaussian_filter(brain.double().numpy(), 1.5, mode="reflect", truncate=4.0)
+    np.testing.assert_allclose(smoothed[brain].numpy(), (inside / weight)[brain.numpy()], rtol=1e-10, atol=1e-12)
+    # Whatever lies outside the brain, even infinite, never reaches a brain voxel.
+    hot = torch.where(brain, volume, torch.inf)
+    torch.testing.assert_close(masked_gaussian_blur_3d(hot, brain, 1.5)[brain], smoothed[brain])
+    # With every voxel counted it is plain smoothing.
+    everything = torch.ones_like(brain)
+    plain = ndimage.gaussian_filter(volume.numpy(), 1.5, mode="reflect", truncate=4.0)
+    np.testing.assert_allclose(masked_gaussian_blur_3d(volume, everything, 1.5).numpy(), plain, rtol=1e-10, atol=1e-12)
+
+
+def test_scoring_smooths_within_the_brain_so_background_does_not_reach_it() -> None:
+    from simpleslicenet.models.scoring import VolumeScoring, score_volumes
+    from simpleslicenet.models.smoothing import apply_separable, gaussian_matrix
+
+    brain = torch.zeros(12, 20, 20, dtype=torch.bool)
+    brain[:, 5:15, 5:15] = True
+    raw = torch.zeros(12, 20, 20)
+    raw[:, :, :5] = 100.0  # the background next to one side of the brain scores far above it
+    rows = [slice(0, 12)]
+    within = score_volumes(raw, brain, rows, VolumeScoring(map_reference="brain_median", smoothing_sigma=2.0))
+    assert within.anomaly_map[brain].abs().max() < 1e-5  # the brain stays flat
+    assert within.volume_scores[0].abs() < 1e-5
+    # Smoothed over the whole slab (as the graph does with smoothing_region="volume") the brain's edge lights up.
+    matrices = [gaussian_matrix(n, 2.0, 4.0, mode="reflect") for n in raw.shape]
+    slab = score_volumes(apply_separable(raw, matrices), brain, rows, VolumeScoring(map_reference="brain_median"))
+    assert slab.volume_scores[0] > 1.0
+    assert slab.anomaly_map[:, 8:12, 5].min() > slab.anomaly_map[:, 8:12, 14].max()
+    with pytest.raises(ValueError, match="smoothing_sigma"):
+        VolumeScoring(smoothing_sigma=-1.0)
+
+
 def test_map_reference_setting_reaches_the_graph_and_the_scoring() -> None:
     default = SimpleSliceNet(flow_blocks=1, backbone_weights="random")
     assert default.scoring.map_reference == "brain_median"
@@ -459,10 +505,36 @@ def test_map_reference_setting_reaches_the_graph_and_the_scoring() -> None:
         SimpleSliceNet(flow_blocks=1, backbone_weights="random", map_reference="none")
     # A checkpoint saved before the setting existed keeps the map it was trained and validated with.
     older = SimpleSliceNet(flow_blocks=1, backbone_weights="random")
-    hyper_parameters = {key: value for key, value in older.hparams.items() if key != "map_reference"}
+    hyper_parameters = {key: value for key, value in older.hparams.items() if key not in ("map_reference", "smoothing_region")}
     older.on_load_checkpoint({"hyper_parameters": hyper_parameters, "simpleslicenet": {"scoring": {"volume_score_mode": "max", "topk_fraction": 0.001}}})
     assert older.model.anomaly_map_generator.reference == "peak"
     assert older.scoring.map_reference == "none"
+    assert older.model.anomaly_map_generator.sigma == 4.0  # "auto" before training: the paper's 4 voxels
+    assert older.scoring.smoothing_sigma == 0.0
+
+
+def test_smoothing_region_places_the_smoothing_in_the_graph_or_the_scoring() -> None:
+    default = SimpleSliceNet(flow_blocks=1, backbone_weights="random", smoothing_sigma=2.5)
+    assert default.hparams["smoothing_region"] == "brain"
+    assert default.model.anomaly_map_generator.sigma == 0.0  # the graph upsamples only
+    assert default.scoring.smoothing_sigma == 2.5
+    assert default.metadata()["scoring"]["smoothing_sigma"] == 2.5  # so deployment smooths the same way
+    slab = SimpleSliceNet(flow_blocks=1, backbone_weights="random", smoothing_sigma=2.5, smoothing_region="volume")
+    assert (slab.model.anomaly_map_generator.sigma, slab.scoring.smoothing_sigma) == (2.5, 0.0)
+    paper = SimpleSliceNet(flow_blocks=1, backbone_weights="random", map_reference="peak")
+    assert paper.hparams["smoothing_region"] == "volume"  # "auto" follows the reference
+    with pytest.raises(ValueError, match="set smoothing_region='volume'"):
+        SimpleSliceNet(flow_blocks=1, backbone_weights="random", map_reference="peak", smoothing_region="brain")
+    # Settings resolved from the data move the smoothing where the region says.
+    default._take_settings({"smoothing_sigma": 1.5})
+    assert (default.model.anomaly_map_generator.sigma, default.scoring.smoothing_sigma) == (0.0, 1.5)
+    # A checkpoint made with the slab's smoothing keeps it, whatever this instance was built with.
+    stored = {**slab.hparams}
+    default.on_load_checkpoint({"hyper_parameters": stored, "simpleslicenet": {"scoring": slab.scoring.to_dict()}})
+    assert (default.model.anomaly_map_generator.sigma, default.scoring.smoothing_sigma) == (2.5, 0.0)
+    # Independent 2-D images have no brain scoring step: their smoothing stays in the graph.
+    images = SimpleSliceNet(flow_blocks=1, backbone_weights="random", smoothing_sigma=2.5, mode="2d")
+    assert (images.model.anomaly_map_generator.sigma, images.scoring.smoothing_sigma) == (2.5, 0.0)
 
 
 # -------------------------------------------------------------------------------------- torch model

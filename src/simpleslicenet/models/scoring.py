@@ -4,6 +4,9 @@ A model's job ends at its raw voxel map ``[N, H, W]`` (the slices of one or more
 :func:`score_volumes` then, per volume,
 
 * brings the map onto the volume's slice grid (models that resize slices internally return smaller maps),
+* optionally smooths it over the brain's voxels only (``VolumeScoring(smoothing_sigma=...)``, a normalised
+  convolution): values outside the brain, where a model trained on brain tissue scores its highest, never
+  leak into the brain's edge (SimpleSliceNet's default, README "Detection");
 * optionally centres it on the volume's median brain voxel (``VolumeScoring(map_reference="brain_median")``):
   a scan's map is then measured against its own typical brain tissue, which takes out a per-scan offset of
   the whole map (SimpleSliceNet's default, README "Detection");
@@ -23,6 +26,7 @@ import torch
 from torch.nn import functional as F  # noqa: N812
 
 from simpleslicenet.choices import check_choice
+from simpleslicenet.models.smoothing import masked_gaussian_blur_3d
 from simpleslicenet.records import SettingsRecord
 
 __all__ = [
@@ -43,15 +47,18 @@ class VolumeScoring(SettingsRecord):
             brain voxels; less sensitive to a single hot voxel than the maximum).
         topk_fraction: Share of brain voxels averaged in ``"topk_mean"`` mode.
         map_reference: ``"none"`` or ``"brain_median"``: subtract the volume's median brain-voxel
-            score from its map before anything else (see :data:`MAP_REFERENCES`).
+            score from its map (after the smoothing, before anything else; see :data:`MAP_REFERENCES`).
+        smoothing_sigma: Gaussian smoothing of the map over the brain's voxels, in voxels (4σ radius,
+            mirrored ends); ``0``: none (the model's map is taken as it is).
 
     Raises:
-        ValueError: An unknown mode or reference, or a fraction outside (0, 1].
+        ValueError: An unknown mode or reference, a fraction outside (0, 1], or a negative smoothing.
     """
 
     volume_score_mode: str = "max"
     topk_fraction: float = 0.001
     map_reference: str = "none"
+    smoothing_sigma: float = 0.0
 
     def __post_init__(self) -> None:
         check_choice("volume_score_mode", self.volume_score_mode, SCORE_MODES)
@@ -61,6 +68,11 @@ class VolumeScoring(SettingsRecord):
             msg = f"topk_fraction must lie in (0, 1], got {self.topk_fraction!r}"
             raise ValueError(msg)
         object.__setattr__(self, "topk_fraction", fraction)
+        sigma = float(self.smoothing_sigma)
+        if not 0.0 <= sigma < float("inf"):
+            msg = f"smoothing_sigma must be a finite number of voxels >= 0, got {self.smoothing_sigma!r}"
+            raise ValueError(msg)
+        object.__setattr__(self, "smoothing_sigma", sigma)
 
 
 @dataclass
@@ -147,6 +159,8 @@ def score_volumes(
     for rows in rows_of_volumes:
         volume = maps[rows]
         if brain_mask is None:
+            if scoring.smoothing_sigma > 0:
+                volume = masked_gaussian_blur_3d(volume, torch.ones_like(volume, dtype=torch.bool), scoring.smoothing_sigma)
             volume = volume - volume.median() if scoring.map_reference == "brain_median" else volume
             maps[rows] = volume
             volume_scores[rows] = volume_score(volume, scoring)
@@ -154,6 +168,8 @@ def score_volumes(
         brain = brain_mask[rows].bool()
         # A volume without brain voxels keeps every voxel (tensor algebra, not an if on the device's data).
         counted = brain | ~brain.any()
+        if scoring.smoothing_sigma > 0:
+            volume = masked_gaussian_blur_3d(volume, counted, scoring.smoothing_sigma)
         if scoring.map_reference == "brain_median":
             # NaN outside the brain rather than indexing it out: no shape made from the data.
             volume = volume - torch.where(counted, volume, float("nan")).nanmedian()

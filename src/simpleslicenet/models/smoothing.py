@@ -28,6 +28,7 @@ __all__ = [
     "gaussian_kernel_1d",
     "gaussian_matrix",
     "linear_resize_matrix",
+    "masked_gaussian_blur_3d",
     "resize_and_blur",
 ]
 
@@ -168,6 +169,34 @@ def gaussian_blur_3d(volume: torch.Tensor, sigma: float) -> torch.Tensor:
         return volume
     matrices = [gaussian_matrix(size, sigma, device=volume.device, dtype=volume.dtype) for size in volume.shape[-3:]]
     return apply_separable(volume, matrices)
+
+
+def masked_gaussian_blur_3d(
+    volume: torch.Tensor,
+    mask: torch.Tensor,
+    sigma: float,
+    truncate: float = 4.0,
+    mode: str = "reflect",
+) -> torch.Tensor:
+    """3-D Gaussian smoothing over the voxels of ``mask`` only (normalised convolution).
+
+    Each voxel gets the Gaussian-weighted mean of the masked voxels around it, so values outside the
+    mask (however extreme, even infinite) never reach it. Where no masked voxel lies within reach the
+    result is 0. With an all-true mask it equals plain smoothing with the same ``truncate`` and ``mode``.
+
+    Args:
+        volume: ``[..., D, H, W]``.
+        mask: Boolean ``[..., D, H, W]``, the voxels that count.
+        sigma: Standard deviation in voxels (positive).
+        truncate: Radius of the Gaussian in standard deviations.
+        mode: Padding at the ends of each axis (see :func:`gaussian_matrix`).
+    """
+    matrices = [
+        gaussian_matrix(size, sigma, truncate, device=volume.device, dtype=volume.dtype, mode=mode) for size in volume.shape[-3:]
+    ]
+    total = apply_separable(torch.where(mask, volume, 0.0), matrices)
+    weight = apply_separable(mask.to(volume.dtype), matrices)
+    return total / weight.clamp(min=torch.finfo(volume.dtype).tiny)
 
 
 def resize_and_blur(

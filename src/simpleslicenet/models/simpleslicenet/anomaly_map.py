@@ -28,7 +28,9 @@ MAP_ORDERS = ("score_then_smooth", "smooth_then_score")
 # volume's own most likely cell. "none": the smoothed negative log-likelihood −ℓ itself, left for the
 # scoring step to centre on the scan's median brain voxel (VolumeScoring(map_reference="brain_median")),
 # which needs the brain mask the graph does not take. A single extreme cell sets the peak; the median
-# of a scan's brain is a steadier measure of its level (README "Detection").
+# of a scan's brain is a steadier measure of its level (README "Detection"). With SimpleSliceNet's default
+# smoothing_region="brain" this generator only upsamples (sigma 0) and the scoring step smooths within
+# the brain mask.
 MAP_REFERENCES = ("peak", "none")
 
 

@@ -19,6 +19,7 @@ Paper:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -43,7 +44,7 @@ from simpleslicenet.models.volume_model import VolumeModelMixin
 from .loss import add_feature_noise, create_loss
 from .torch_model import SimpleSliceNetModel
 
-__all__ = ["SimpleSliceNet", "fit_flow_on_features", "split_map_reference"]
+__all__ = ["SimpleSliceNet", "fit_flow_on_features"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,17 +55,9 @@ NOISE_SCALES = ("absolute", "feature_std")
 TRAIN_CELLS = ("all", "brain")
 # What a volume's map is measured against: its median brain voxel, or its most likely cell (the paper's).
 MAP_REFERENCES = ("brain_median", "peak")
-
-
-def split_map_reference(map_reference: str) -> tuple[str, str]:
-    """Where each part of ``map_reference`` happens: ``(graph's map reference, scoring step's map reference)``.
-
-    ``"peak"`` is done in the graph (``1 − exp(ℓ − max ℓ)``) and the scoring leaves it as it is;
-    ``"brain_median"`` needs the brain mask, so the graph leaves ``−ℓ`` uncentred and the scoring step
-    (:class:`~simpleslicenet.models.scoring.VolumeScoring`) centres it.
-    """
-    check_choice("map_reference", map_reference, MAP_REFERENCES)
-    return ("peak", "none") if map_reference == "peak" else ("none", map_reference)
+# Where the map is smoothed: over the brain's voxels only (in the scoring step, which has the brain mask),
+# or over the whole slab (in the graph, the paper's).
+SMOOTHING_REGIONS = ("brain", "volume")
 
 
 AUTO = "auto"
@@ -199,6 +192,13 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
             ``"peak"``: ``1 − exp(ℓ − max ℓ)``, measured against the volume's single most likely cell
             (README "Detection"). The centring needs the brain mask, so it is part of the scoring step
             (:class:`~simpleslicenet.models.scoring.VolumeScoring`), also in deployment.
+        smoothing_region: Where ``smoothing_sigma`` smooths the map. ``"brain"``: over the brain's voxels
+            only, in the scoring step (it needs the brain mask). The flow, trained on brain cells, scores
+            background cells far higher than any tissue; smoothed over the whole slab, that background
+            seeped into the brain's edge, where healthy scans then had their hottest voxels (README
+            "Detection"). ``"volume"``: over the whole slab, inside the graph (the paper's; ``"peak"``
+            needs it, as its ``1 − exp(ℓ − max ℓ)`` follows the smoothing). ``"auto"`` (the default):
+            ``"brain"`` with ``"brain_median"``, ``"volume"`` with ``"peak"``.
         volume_score_mode: ``"max"`` or ``"topk_mean"`` of the brain-masked voxel map.
         topk_fraction: Share of brain voxels averaged in ``"topk_mean"`` mode.
         mode: ``"auto"``, ``"3d"`` or ``"2d"``.
@@ -235,6 +235,7 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
         smoothing_sigma: float | Literal["auto"] = AUTO,
         map_order: Literal["score_then_smooth", "smooth_then_score"] = "smooth_then_score",
         map_reference: Literal["brain_median", "peak"] = "brain_median",
+        smoothing_region: Literal["auto", "brain", "volume"] = AUTO,
         volume_score_mode: str = "max",
         topk_fraction: float = 0.001,
         mode: str = "auto",
@@ -257,8 +258,7 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
             visualizer=visualizer,
         )
         check_choice("mode", mode, MODES)
-        graph_reference, scoring_reference = split_map_reference(map_reference)
-        self.scoring = VolumeScoring(volume_score_mode, topk_fraction, scoring_reference)
+        self.scoring = VolumeScoring(volume_score_mode, topk_fraction)
         check_choice("noise_scale", noise_scale, NOISE_SCALES)
         check_choice("train_cells", train_cells, TRAIN_CELLS)
         if features_per_step < 2:
@@ -285,7 +285,7 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
             "standardize_features": standardize_features,
             "smoothing_sigma": smoothing_sigma,
             "map_order": map_order,
-            "map_reference": graph_reference,
+            "map_reference": "none",  # the graph's part of map_reference: set_map_settings below
             "volumetric": mode != "2d",
             "channels_last": channels_last,
             "compile_mode": compile_mode,
@@ -295,6 +295,7 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
             layers=None if layers == AUTO else layers,
             smoothing_sigma=PAPER_SIGMA_VOXELS if smoothing_sigma == AUTO else smoothing_sigma,
         )
+        self.set_map_settings(map_reference, smoothing_region)
         self.loss = create_loss(loss)
         self.noise_std = list(noise_std) if isinstance(noise_std, Sequence) else float(noise_std)
         self.noise_scale = noise_scale
@@ -334,7 +335,7 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
         """Take the checkpoint's resolved ``layers`` and smoothing before its weights are loaded.
 
         So ``trainer.test(model, ckpt_path=...)`` works whatever this instance was built with. A
-        checkpoint from before ``map_reference`` existed keeps the paper's map it was made with.
+        checkpoint keeps the map settings it was made with (see :meth:`set_map_settings`).
         """
         stored = checkpoint.get("hyper_parameters") or {}
         changes = {
@@ -344,10 +345,11 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
         }
         if changes:
             self._take_settings(changes)
-        if stored and "map_reference" not in stored:
-            # Saved before the setting existed: such a model made the paper's map (and stored uncentred scoring).
-            self.model.anomaly_map_generator.reference = "peak"
-            self.hparams["map_reference"] = "peak"
+        if stored:
+            # A checkpoint saved before a setting existed made its map the way it was then: the paper's
+            # map (stored with uncentred scoring), smoothed over the whole slab.
+            self.set_map_settings(stored.get("map_reference", "peak"), stored.get("smoothing_region", "volume"))
+        # The stored scoring record (with its smoothing) replaces this instance's here.
         super().on_load_checkpoint(checkpoint)
 
     def _take_settings(self, changes: dict[str, Any]) -> None:
@@ -362,8 +364,40 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
                 if self._model_arguments["smoothing_sigma"] != AUTO
                 else PAPER_SIGMA_VOXELS,
             ).to(self.device)
-        elif "smoothing_sigma" in changes:
-            self.model.anomaly_map_generator.sigma = changes["smoothing_sigma"]
+        self._place_smoothing()
+
+    def set_map_settings(self, map_reference: str, smoothing_region: str) -> None:
+        """Set ``map_reference`` and ``smoothing_region`` (see the class; ``"auto"`` is resolved), keeping the weights.
+
+        Each is split between the graph and the scoring step: ``"peak"`` is computed in the graph and
+        ``"brain_median"`` in the scoring step (the centring needs the brain mask); the smoothing goes to
+        the scoring step over the brain only, or to the graph over the whole slab.
+
+        Raises:
+            ValueError: An unknown setting, or ``"peak"`` with ``"brain"`` (the peak map follows the smoothing).
+        """
+        check_choice("map_reference", map_reference, MAP_REFERENCES)
+        if smoothing_region == AUTO:
+            smoothing_region = "volume" if map_reference == "peak" else "brain"
+        check_choice("smoothing_region", smoothing_region, SMOOTHING_REGIONS)
+        if smoothing_region == "brain" and map_reference == "peak":
+            msg = "map_reference='peak' smooths before its 1 - exp(l - max l), in the graph: set smoothing_region='volume'"
+            raise ValueError(msg)
+        peak = map_reference == "peak"
+        self._model_arguments["map_reference"] = self.model.anomaly_map_generator.reference = "peak" if peak else "none"
+        self.scoring = dataclasses.replace(self.scoring, map_reference="none" if peak else map_reference)
+        self.smoothing_region = smoothing_region
+        self.hparams.update(map_reference=map_reference, smoothing_region=smoothing_region)
+        self._place_smoothing()
+
+    def _place_smoothing(self) -> None:
+        """Give the smoothing to the graph (whole slab) or to the scoring step (brain only), per ``smoothing_region``."""
+        sigma = self._model_arguments["smoothing_sigma"]
+        sigma = PAPER_SIGMA_VOXELS if sigma == AUTO else float(sigma)
+        # Independent 2-D images have no scoring step of this package: their smoothing stays in the graph.
+        in_scoring = self.smoothing_region == "brain" and self._model_arguments["volumetric"]
+        self.model.anomaly_map_generator.sigma = 0.0 if in_scoring else sigma
+        self.scoring = dataclasses.replace(self.scoring, smoothing_sigma=sigma if in_scoring else 0.0)
 
     @property
     def model_backbone(self) -> str:
