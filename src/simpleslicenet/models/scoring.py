@@ -158,15 +158,9 @@ def score_volumes(
     volume_scores = torch.empty(maps.shape[0], dtype=maps.dtype, device=maps.device)
     for rows in rows_of_volumes:
         volume = maps[rows]
-        if brain_mask is None:
-            if scoring.smoothing_sigma > 0:
-                volume = masked_gaussian_blur_3d(volume, torch.ones_like(volume, dtype=torch.bool), scoring.smoothing_sigma)
-            volume = volume - volume.median() if scoring.map_reference == "brain_median" else volume
-            maps[rows] = volume
-            volume_scores[rows] = volume_score(volume, scoring)
-            continue
-        brain = brain_mask[rows].bool()
-        # A volume without brain voxels keeps every voxel (tensor algebra, not an if on the device's data).
+        # Without a brain mask every voxel counts. A volume without brain voxels keeps every voxel too
+        # (tensor algebra, not an if on the device's data).
+        brain = brain_mask[rows].bool() if brain_mask is not None else torch.ones_like(volume, dtype=torch.bool)
         counted = brain | ~brain.any()
         if scoring.smoothing_sigma > 0:
             volume = masked_gaussian_blur_3d(volume, counted, scoring.smoothing_sigma)

@@ -291,10 +291,7 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
             "compile_mode": compile_mode,
         }
         # Until the training data resolve them, "auto" settings stand for the paper's 1 mm ones.
-        self.model = self._build_model(
-            layers=None if layers == AUTO else layers,
-            smoothing_sigma=PAPER_SIGMA_VOXELS if smoothing_sigma == AUTO else smoothing_sigma,
-        )
+        self.model = self._build_model(layers=None if layers == AUTO else layers, smoothing_sigma=self._sigma_voxels)
         self.set_map_settings(map_reference, smoothing_region)
         self.loss = create_loss(loss)
         self.noise_std = list(noise_std) if isinstance(noise_std, Sequence) else float(noise_std)
@@ -358,12 +355,7 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
         self._model_arguments.update(changes)
         self.hparams.update(changes)
         if rebuild:
-            self.model = self._build_model(
-                layers=changes["layers"],
-                smoothing_sigma=self._model_arguments["smoothing_sigma"]
-                if self._model_arguments["smoothing_sigma"] != AUTO
-                else PAPER_SIGMA_VOXELS,
-            ).to(self.device)
+            self.model = self._build_model(layers=changes["layers"], smoothing_sigma=self._sigma_voxels).to(self.device)
         self._place_smoothing()
 
     def set_map_settings(self, map_reference: str, smoothing_region: str) -> None:
@@ -386,16 +378,20 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
         peak = map_reference == "peak"
         self._model_arguments["map_reference"] = self.model.anomaly_map_generator.reference = "peak" if peak else "none"
         self.scoring = dataclasses.replace(self.scoring, map_reference="none" if peak else map_reference)
-        self.smoothing_region = smoothing_region
         self.hparams.update(map_reference=map_reference, smoothing_region=smoothing_region)
         self._place_smoothing()
 
+    @property
+    def _sigma_voxels(self) -> float:
+        """``smoothing_sigma`` in voxels; until the training data resolve ``"auto"``, the paper's 1 mm value."""
+        sigma = self._model_arguments["smoothing_sigma"]
+        return PAPER_SIGMA_VOXELS if sigma == AUTO else float(sigma)
+
     def _place_smoothing(self) -> None:
         """Give the smoothing to the graph (whole slab) or to the scoring step (brain only), per ``smoothing_region``."""
-        sigma = self._model_arguments["smoothing_sigma"]
-        sigma = PAPER_SIGMA_VOXELS if sigma == AUTO else float(sigma)
+        sigma = self._sigma_voxels
         # Independent 2-D images have no scoring step of this package: their smoothing stays in the graph.
-        in_scoring = self.smoothing_region == "brain" and self._model_arguments["volumetric"]
+        in_scoring = self.hparams["smoothing_region"] == "brain" and self._model_arguments["volumetric"]
         self.model.anomaly_map_generator.sigma = 0.0 if in_scoring else sigma
         self.scoring = dataclasses.replace(self.scoring, smoothing_sigma=sigma if in_scoring else 0.0)
 
