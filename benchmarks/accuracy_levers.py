@@ -1,7 +1,7 @@
 """SimpleSliceNet's defaults and inference-time levers on the built-in phantom, over training seeds.
 
 Configurations, each trained once per seed on the phantom the stock command meets (``BrainPhantom()``'s
-defaults: 2 mm, 96x96x48, a fixed split):
+defaults: 2 mm, 96x104x48, a fixed split):
 
 * ``plain``: ``SimpleSliceNet()``, what ``anomalib train --model SimpleSliceNet --data BrainPhantom``
   builds (``layers`` and ``smoothing_sigma`` resolved from the data);

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -113,6 +114,19 @@ def test_whole_brain_crop_keeps_every_brain_slice(scans: dict, tmp_path: Path) -
     # Back on the scan grid, a map of the whole-brain grid covers every brain voxel of the scan.
     back = whole.geometry.to_scan(whole.image.transpose(2, 1, 0))
     assert back.shape == image.shape and (back[image > 0] > 0).all()
+
+
+def test_a_grid_that_cuts_the_brain_in_plane_is_reported(scans: dict) -> None:
+    path, _, _ = scans["RAS"]
+    image, _ = read_nifti(path)
+    width = int((image > 0).any(axis=(1, 2)).sum())  # the brain's extent along x
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_volume(path, VolumePreprocessing(target_shape=(40, 48, 12)))  # cut along z only: the slab, by design
+        assert not caught
+        load_volume(path, VolumePreprocessing(target_shape=(width - 4, 48, 12)))
+    (warning,) = caught
+    assert str(path) in str(warning.message) and "cuts 4 columns (x) and 0 rows (y)" in str(warning.message)
 
 
 def test_spacing_round_trip(tmp_path) -> None:  # noqa: ANN001

@@ -9,7 +9,7 @@ Example (``configs/benchmark/phantom_quick.yaml``)::
     datasets:
       phantom:
         class_path: BrainPhantom
-        init_args: {n_healthy: 24, n_lesion: 16, spacing_mm: 2.0, target_shape: [96, 96, 48]}
+        init_args: {n_healthy: 24, n_lesion: 16, spacing_mm: 2.0, target_shape: [96, 104, 48]}
     models:
       SimpleSliceNet:
         init_args: {depth_stride: 3}

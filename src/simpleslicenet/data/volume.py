@@ -10,6 +10,7 @@ from there, so training and inference prepare a scan with exactly the same steps
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +111,28 @@ class VolumePreprocessing(SettingsRecord):
         return (x, y, self.first_slice)
 
 
+def _warn_if_cut_in_plane(
+    path: str | os.PathLike, brain: np.ndarray, start: tuple[int, ...], grid: tuple[int, int, int]
+) -> None:
+    """Warn when the model grid cuts the brain in-plane.
+
+    The slab may cut the brain along z by design (the paper scores 96 axial slices); a cut across x or
+    y leaves brain unscored and gives the slices a straight tissue edge that no healthy training scan
+    has, which scores as anomalous.
+    """
+    lo, hi = brain_bounding_box(brain)
+    outside = [max(int(start[a]) - int(lo[a]), 0) + max(int(hi[a]) - int(start[a]) - grid[a], 0) for a in (0, 1)]
+    if any(outside):
+        warnings.warn(
+            f"{path}: the model grid ({grid[0]}x{grid[1]} in-plane) cuts {outside[0]} columns (x) and "
+            f"{outside[1]} rows (y) off the brain, whose box is {int(hi[0] - lo[0])}x{int(hi[1] - lo[1])}; "
+            "the part outside is not scored and the cut edge can score as anomalous. "
+            "A target_shape at least as wide as the brain keeps it whole.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 @dataclass
 class LoadedVolume:
     """A scan after preprocessing, with its masks and geometry (all arrays ``(x, y, z)``)."""
@@ -200,6 +223,7 @@ def load_volume(
         image = scale_intensity(image, brain, mode=prep.intensity)
     if prep.target_shape is not None:
         start, grid = prep.crop_start(image.shape, brain), prep.grid_shape(brain)
+        _warn_if_cut_in_plane(image_path, brain, start, grid)
         image = crop_or_pad(image, start, grid)
         brain = crop_or_pad(brain, start, grid)
         lesion = crop_or_pad(lesion, start, grid) if lesion is not None else None
