@@ -51,8 +51,8 @@ class BrainPhantom(VolumeDataModule):
         spacing_mm: Voxel size the volumes are generated at (2 mm: 99×117×95 voxels); recorded with the
             model like any datamodule's spacing, so a trained model resamples new scans to it.
         target_shape: Model grid ``(x, y, z)``; the default suits 2 mm volumes and quick runs. It holds
-            every generated brain in-plane (the largest the sweeps meet spans 82×101 voxels at 2 mm): a grid that
-            cuts the brain leaves a straight tissue edge that scores as anomalous.
+            every generated brain in-plane (the largest the sweeps meet spans 82×101 voxels at 2 mm): a
+            grid that cuts the brain leaves a straight tissue edge that scores as anomalous.
         train_fraction: Share of healthy subjects used for training.
         lesion_families: Lesion families of the lesion subjects, taken in turn: ``"tumour"`` (1–3
             tumours with oedema and mass effect), ``"small"`` (one of about 1–4 cm³), ``"multifocal"``
