@@ -21,7 +21,8 @@ defaults: 2 mm, 96x104x48, a fixed split):
   ``deterministic=True`` (same settings: what it costs in time, and whether it changes anything);
 * finer cells, one at a time on ``quick``: a depth cell every slice instead of every third
   (``depth_stride=1``), no in-plane neighbourhood averaging (``neighbourhood=1``), half the smoothing
-  (``smoothing_sigma=1``, in voxels), and the first two together.
+  (``smoothing_sigma=1``, in voxels), and the first two together; and 8 pixels of slice padding
+  (``slice_padding=8``, the ``"auto"`` value at these stages) instead of the quick configuration's 16.
 
 The first two are then tested through ``Engine.test`` (the model's own evaluator, threshold from
 validation) once per inference-time variant, on the same weights: what the map is measured against
@@ -94,6 +95,7 @@ FINER_LEVERS = {
     "quick+neighbourhood 1": {"neighbourhood": 1},
     "quick+smoothing 1": {"smoothing_sigma": 1.0},
     "quick+neighbourhood 1+depth stride 1": {"neighbourhood": 1, "depth_stride": 1},
+    "quick+slice padding 8": {"slice_padding": 8},
 }
 CONFIGURATIONS = (
     "plain", "quick", "paper loss", "quick+whole_brain", "quick before", *QUICK_LEVERS, "quick+deterministic", *FINER_LEVERS,

@@ -87,6 +87,39 @@ def test_neighbourhood_one_keeps_every_cell_and_reaches_the_encoder() -> None:
     assert SimpleSliceNet(flow_blocks=2, condition_dim=16).model.encoder.neighbourhood == 3
 
 
+def test_slice_padding_makes_the_slice_continue_as_background(tiny_model) -> None:
+    # A bright "brain" that nearly touches the slice's top edge, on a uniform dark background.
+    slices = torch.full((2, 3, 32, 32), -2.0)
+    slices[:, :, 2:20, 6:26] = 1.0
+    backbone, channels = tiny_model.encoder.backbone, tiny_model.encoder.layer_channels
+    padded = SliceFeatureExtractor(backbone, channels, embed_dim=8, padding=16, stride=8)
+    bare = SliceFeatureExtractor(backbone, channels, embed_dim=8)
+    # The padded encoder sees the slice as if it lay in a larger background canvas: the backbone's zero
+    # padding (a false edge) no longer reaches the brain.
+    canvas = torch.full((2, 3, 64, 64), -2.0)
+    canvas[:, :, 16:48, 16:48] = slices
+    embedding = padded(slices)
+    assert embedding.shape == bare(slices).shape == (2, 8, 4, 4)
+    torch.testing.assert_close(embedding, bare(canvas)[..., 2:6, 2:6], rtol=0, atol=1e-5)
+    assert (embedding - bare(slices)).abs().amax() > 0.1
+    with pytest.raises(ValueError, match="multiple of the feature stride 8"):
+        SliceFeatureExtractor(backbone, channels, padding=4, stride=8)
+
+
+def test_slice_padding_follows_the_stages_and_old_checkpoints_keep_none() -> None:
+    stock = SimpleSliceNet(flow_blocks=1, condition_dim=16, backbone_weights="random")
+    assert stock.model.encoder.padding == 16  # stride-8/16 stages: one cell of the coarser
+    quick = SimpleSliceNet(flow_blocks=1, condition_dim=16, backbone_weights="random", layers=["blocks.1", "blocks.2"])
+    assert (quick.model.encoder.padding, quick.model.encoder.stride) == (8, 4)
+    # Stages resolved from the data bring their own padding.
+    stock._take_settings({"layers": ["blocks.1", "blocks.2"]})
+    assert stock.model.encoder.padding == 8
+    # A checkpoint saved before the setting existed was trained on bare slices.
+    older = {key: value for key, value in quick.hparams.items() if key != "slice_padding"}
+    quick.on_load_checkpoint({"hyper_parameters": older, "simpleslicenet": {"scoring": quick.scoring.to_dict()}})
+    assert quick.model.encoder.padding == 0 and quick.hparams["slice_padding"] == 0
+
+
 def test_channel_pool_matches_adaptive_pooling_for_any_size() -> None:
     features = torch.randn(2, 40, 3, 5)
     for out_channels in (8, 7, 40, 64):

@@ -97,9 +97,15 @@ class SliceFeatureExtractor(nn.Module):
             embedding is returned in float32 either way; see :mod:`.precision`).
         channels_last: Keep the backbone's weights and its input in channels-last memory layout (the
             layout GPU tensor cores and oneDNN convolutions prefer).
+        padding: Pixels of each slice's own outermost rows and columns repeated around it before the
+            backbone; the embedding is cut back to the slice's locations. The backbone pads with zeros,
+            which after ImageNet normalisation is mid-grey, not the black background of a skull-stripped
+            slice: without this margin that false edge lies against a brain that nearly fills the slice.
+        stride: Pixels per embedding location (the finest stage's reduction); ``padding`` must be a
+            multiple of it, so the cut keeps the locations aligned with the slice.
 
     Raises:
-        ValueError: An unknown precision.
+        ValueError: An unknown precision, or a padding that is negative or not a multiple of ``stride``.
     """
 
     def __init__(
@@ -110,9 +116,16 @@ class SliceFeatureExtractor(nn.Module):
         neighbourhood: int = 3,
         precision: str = "fp32",
         channels_last: bool = False,
+        padding: int = 0,
+        stride: int = 1,
     ) -> None:
         super().__init__()
         self.precision = check_precision(precision)
+        if padding < 0 or padding % stride:
+            msg = f"slice padding must be a multiple of the feature stride {stride} pixels, got {padding}"
+            raise ValueError(msg)
+        self.padding = int(padding)
+        self.stride = int(stride)
         self.channels_last = bool(channels_last)
         if self.channels_last:
             # Module.to keeps each tensor's layout, so later moves between devices keep this one.
@@ -156,12 +169,17 @@ class SliceFeatureExtractor(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Float32 embedding ``[N, out_dim, h, w]`` of ImageNet-normalised images ``[N, 3, H, W]``."""
+        if self.padding:
+            images = F.pad(images, (self.padding,) * 4, mode="replicate")
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with encoder_autocast(images.device.type, self.precision):
             with torch.no_grad():
                 maps = self.backbone(images)
             embedding = self.embed(maps)
+        if self.padding:
+            cut = self.padding // self.stride
+            embedding = embedding[..., cut : embedding.shape[-2] - cut, cut : embedding.shape[-1] - cut]
         return embedding.float()
 
 

@@ -152,6 +152,11 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
         backbone_weights: ``"imagenet"``, a local ``.pth``/``.safetensors`` file, or ``"random"``.
         embed_dim: Feature size per location (paper: 512); ``None`` concatenates the stages' channels.
         neighbourhood: Local averaging window on each feature map, in cells (paper: 3).
+        slice_padding: Pixels of each slice's edge repeated around it before the backbone, so the
+            backbone's zero padding (mid-grey after ImageNet normalisation) never lies against the brain.
+            ``"auto"`` (the default): the coarsest stage's stride (8 pixels at stride 4/8, 16 at 8/16);
+            ``0``: none, the paper's. On the phantom it raised voxel AUPRC and volume AUROC (README
+            "Detection", round 10); models saved before it existed load with ``0``.
         depth_window: Slices averaged per depth cell (paper: 3).
         depth_stride: Slices between depth cells (paper: 3; 1 keeps full depth resolution).
         flow_blocks: Coupling blocks of the flow (paper: 8).
@@ -219,6 +224,7 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
         backbone_weights: str | os.PathLike | None = "imagenet",
         embed_dim: int | None = None,
         neighbourhood: int = 3,
+        slice_padding: int | Literal["auto"] = AUTO,
         depth_window: int = 3,
         depth_stride: int = 3,
         flow_blocks: int = 8,
@@ -276,6 +282,7 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
             "backbone_weights": backbone_weights,
             "embed_dim": embed_dim,
             "neighbourhood": neighbourhood,
+            "slice_padding": slice_padding,
             "depth_window": depth_window,
             "depth_stride": depth_stride,
             "flow_blocks": flow_blocks,
@@ -340,6 +347,8 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
             for key in ("layers", "smoothing_sigma")
             if key in stored and stored[key] != AUTO and _stages(stored[key]) != _stages(self._model_arguments[key])
         }
+        if stored and "slice_padding" not in stored:
+            changes["slice_padding"] = 0  # saved before the padding existed: its slices went in bare
         if changes:
             self._take_settings(changes)
         if stored:
@@ -350,12 +359,16 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
         super().on_load_checkpoint(checkpoint)
 
     def _take_settings(self, changes: dict[str, Any]) -> None:
-        """Rebuild the torch model (new stages) or retune its smoothing, and record the values."""
-        rebuild = "layers" in changes and _stages(changes["layers"]) != _stages(self._model_arguments["layers"])
+        """Rebuild the torch model (new stages or padding) or retune its smoothing, and record the values."""
+        rebuild = any(
+            key in changes and _stages(changes[key]) != _stages(self._model_arguments[key])
+            for key in ("layers", "slice_padding")
+        )
         self._model_arguments.update(changes)
         self.hparams.update(changes)
         if rebuild:
-            self.model = self._build_model(layers=changes["layers"], smoothing_sigma=self._sigma_voxels).to(self.device)
+            layers = _stages(self._model_arguments["layers"])
+            self.model = self._build_model(layers=layers, smoothing_sigma=self._sigma_voxels).to(self.device)
         self._place_smoothing()
 
     def set_map_settings(self, map_reference: str, smoothing_region: str) -> None:

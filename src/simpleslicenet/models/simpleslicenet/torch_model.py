@@ -56,6 +56,9 @@ class SimpleSliceNetModel(nn.Module):
         backbone_weights: ``"imagenet"``, a local weights file, or ``"random"``.
         embed_dim: Feature size per location; ``None`` keeps and concatenates the stages' channels.
         neighbourhood: Local averaging window on each feature map (paper: 3).
+        slice_padding: Pixels of background repeated around each slice before the backbone, so its
+            zero padding never lies against the brain (:class:`.features.SliceFeatureExtractor`);
+            ``"auto"``: the coarsest stage's stride (8 pixels for stride-4/8 stages); ``0``: none (the paper's).
         depth_window: Slices averaged per depth cell (paper: 3).
         depth_stride: Slices between depth cells (paper: 3; 1 keeps every slice).
         flow_blocks: Coupling blocks (paper: 8).
@@ -74,7 +77,8 @@ class SimpleSliceNetModel(nn.Module):
         compile_mode: ``torch.compile`` mode for the slice encoder and the flow; ``None``: eager.
 
     Raises:
-        ValueError: ``depth_stride`` outside ``1 .. depth_window``, or an unknown precision.
+        ValueError: ``depth_stride`` outside ``1 .. depth_window``, an unknown precision, or a
+            ``slice_padding`` that is not a multiple of the finest stage's stride.
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class SimpleSliceNetModel(nn.Module):
         backbone_weights: str | os.PathLike | None = "imagenet",
         embed_dim: int | None = None,
         neighbourhood: int = 3,
+        slice_padding: int | str = 0,
         depth_window: int = 3,
         depth_stride: int = 3,
         flow_blocks: int = 8,
@@ -106,6 +111,7 @@ class SimpleSliceNetModel(nn.Module):
             )
             raise ValueError(msg)
         extractor = create_feature_extractor(backbone, layers, backbone_weights)
+        strides = extractor.feature_info.reduction()
         self.encoder = SliceFeatureExtractor(
             extractor,
             layer_channels=extractor.feature_info.channels(),
@@ -113,6 +119,8 @@ class SimpleSliceNetModel(nn.Module):
             neighbourhood=neighbourhood,
             precision=precision,
             channels_last=channels_last,
+            padding=max(strides) if slice_padding == "auto" else int(slice_padding),
+            stride=min(strides),
         )
         self.depth_window = depth_window
         self.depth_stride = depth_stride
