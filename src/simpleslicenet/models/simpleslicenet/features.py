@@ -97,10 +97,11 @@ class SliceFeatureExtractor(nn.Module):
             embedding is returned in float32 either way; see :mod:`.precision`).
         channels_last: Keep the backbone's weights and its input in channels-last memory layout (the
             layout GPU tensor cores and oneDNN convolutions prefer).
-        padding: Pixels of each slice's own outermost rows and columns repeated around it before the
-            backbone; the embedding is cut back to the slice's locations. The backbone pads with zeros,
-            which after ImageNet normalisation is mid-grey, not the black background of a skull-stripped
-            slice: without this margin that false edge lies against a brain that nearly fills the slice.
+        padding: Pixels of background added around each slice before the backbone (each channel's
+            darkest value, the background of a skull-stripped slice); the embedding is cut back to the
+            slice's locations. The backbone pads with zeros, which after ImageNet normalisation is
+            mid-grey, not black: without this margin that false edge lies against a brain that nearly
+            fills the slice.
         stride: Pixels per embedding location (the finest stage's reduction); ``padding`` must be a
             multiple of it, so the cut keeps the locations aligned with the slice.
 
@@ -170,7 +171,11 @@ class SliceFeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Float32 embedding ``[N, out_dim, h, w]`` of ImageNet-normalised images ``[N, 3, H, W]``."""
         if self.padding:
-            images = F.pad(images, (self.padding,) * 4, mode="replicate")
+            # The slice lies in a canvas of its darkest value; where its border is background, that is
+            # the same as repeating the border. The slice's own values pass unchanged.
+            margin = (self.padding,) * 4
+            inside = F.pad(torch.ones_like(images[:1, :1]), margin) > 0
+            images = torch.where(inside, F.pad(images, margin), images.amin(dim=(-2, -1), keepdim=True))
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with encoder_autocast(images.device.type, self.precision):

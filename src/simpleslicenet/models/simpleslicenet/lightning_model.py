@@ -152,8 +152,9 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
         backbone_weights: ``"imagenet"``, a local ``.pth``/``.safetensors`` file, or ``"random"``.
         embed_dim: Feature size per location (paper: 512); ``None`` concatenates the stages' channels.
         neighbourhood: Local averaging window on each feature map, in cells (paper: 3).
-        slice_padding: Pixels of each slice's edge repeated around it before the backbone, so the
-            backbone's zero padding (mid-grey after ImageNet normalisation) never lies against the brain.
+        slice_padding: Pixels of background (each slice's darkest value) added around each slice before
+            the backbone, so its zero padding (mid-grey after ImageNet normalisation) never lies against
+            the brain.
             ``"auto"`` (the default): the coarsest stage's stride (8 pixels at stride 4/8, 16 at 8/16);
             ``0``: none, the paper's. On the phantom it raised voxel AUPRC and volume AUROC (README
             "Detection", round 10); models saved before it existed load with ``0``.

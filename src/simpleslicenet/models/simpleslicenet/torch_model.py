@@ -56,7 +56,7 @@ class SimpleSliceNetModel(nn.Module):
         backbone_weights: ``"imagenet"``, a local weights file, or ``"random"``.
         embed_dim: Feature size per location; ``None`` keeps and concatenates the stages' channels.
         neighbourhood: Local averaging window on each feature map (paper: 3).
-        slice_padding: Pixels of background repeated around each slice before the backbone, so its
+        slice_padding: Pixels of background added around each slice before the backbone, so its
             zero padding never lies against the brain (:class:`.features.SliceFeatureExtractor`);
             ``"auto"``: the coarsest stage's stride (8 pixels for stride-4/8 stages); ``0``: none (the paper's).
         depth_window: Slices averaged per depth cell (paper: 3).
