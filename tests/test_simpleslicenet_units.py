@@ -88,9 +88,11 @@ def test_neighbourhood_one_keeps_every_cell_and_reaches_the_encoder() -> None:
 
 
 def test_slice_padding_makes_the_slice_continue_as_background(tiny_model) -> None:
-    # A bright "brain" that nearly touches the slice's top edge, on a uniform dark background.
+    # A bright "brain" that nearly touches the slice's top edge, and one the grid cuts there (its tissue
+    # reaches the border: the margin stays dark instead of smearing it outwards), on a dark background.
     slices = torch.full((2, 3, 32, 32), -2.0)
-    slices[:, :, 2:20, 6:26] = 1.0
+    slices[0, :, 2:20, 6:26] = 1.0
+    slices[1, :, 0:20, 6:26] = 1.0
     backbone, channels = tiny_model.encoder.backbone, tiny_model.encoder.layer_channels
     padded = SliceFeatureExtractor(backbone, channels, embed_dim=8, padding=16, stride=8)
     bare = SliceFeatureExtractor(backbone, channels, embed_dim=8)
