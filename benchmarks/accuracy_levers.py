@@ -22,7 +22,9 @@ defaults: 2 mm, 96x104x48, a fixed split):
 * finer cells, one at a time on ``quick``: a depth cell every slice instead of every third
   (``depth_stride=1``), no in-plane neighbourhood averaging (``neighbourhood=1``), half the smoothing
   (``smoothing_sigma=1``, in voxels), and the first two together; and 8 pixels of slice padding
-  (``slice_padding=8``, the ``"auto"`` value at these stages) instead of the quick configuration's 16.
+  (``slice_padding=8``, the ``"auto"`` value at these stages) instead of the quick configuration's 16;
+  and end cells that average three slices, their window shifted inwards (``full_depth_windows=True``),
+  instead of the two they have.
 
 The first two are then tested through ``Engine.test`` (the model's own evaluator, threshold from
 validation) once per inference-time variant, on the same weights: what the map is measured against
@@ -33,7 +35,7 @@ records where the hottest voxel sits along the slab, to show whether the first a
 maximum (a boundary artifact), and for lesion test volumes whether it lies on a lesion: the volume score
 is the hottest voxel, and a score that ranks a scan high for a voxel off its lesion is right by chance.
 
-    python benchmarks/accuracy_levers.py                 # every configuration, 3 seeds, 6 epochs (about 1 h 45 min on 2 CPU cores)
+    python benchmarks/accuracy_levers.py                 # every configuration, 3 seeds, 6 epochs (about 2 h on 2 CPU cores)
     python benchmarks/accuracy_levers.py --configurations plain quick --default-variant-only   # the defaults (about 12 min)
     python benchmarks/accuracy_levers.py --seeds 0 --epochs 1 --configurations plain   # a check that everything runs
 
@@ -96,6 +98,7 @@ FINER_LEVERS = {
     "quick+smoothing 1": {"smoothing_sigma": 1.0},
     "quick+neighbourhood 1+depth stride 1": {"neighbourhood": 1, "depth_stride": 1},
     "quick+slice padding 8": {"slice_padding": 8},
+    "quick+full depth windows": {"full_depth_windows": True},
 }
 CONFIGURATIONS = (
     "plain", "quick", "paper loss", "quick+whole_brain", "quick before", *QUICK_LEVERS, "quick+deterministic", *FINER_LEVERS,

@@ -40,8 +40,9 @@ def cli_run(phantom_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     """``anomalib train --model SimpleSliceNet --data BrainPhantom`` then ``anomalib export`` to OpenVINO."""
     work = tmp_path_factory.mktemp("cli")
     train = _run(
-        [str(BIN / "anomalib"), "train", "--model", "SimpleSliceNet", *MODEL_ARGS, *_data_args(phantom_root),
-         "--trainer.max_epochs", "1", "--default_root_dir", str(work / "results")],
+        # Full end windows: the exported graph must follow a dynamic slice count there too.
+        [str(BIN / "anomalib"), "train", "--model", "SimpleSliceNet", *MODEL_ARGS, "--model.full_depth_windows", "true",
+         *_data_args(phantom_root), "--trainer.max_epochs", "1", "--default_root_dir", str(work / "results")],
         cwd=work,
     )
     checkpoint = next((work / "results").rglob("model.ckpt"))

@@ -176,6 +176,48 @@ def test_aggregate_depth_stride_1_keeps_full_resolution() -> None:
         aggregate_depth(features, window=1, stride=3)
 
 
+def test_full_depth_windows_shift_the_end_cells_inwards() -> None:
+    features = torch.randn(7, 3, 2, 2)
+    cells = aggregate_depth(features, window=3, stride=1, full_windows=True)
+    torch.testing.assert_close(cells[0], features[0:3].mean(0))  # not slices 0-1
+    torch.testing.assert_close(cells[6], features[4:7].mean(0))  # not slices 5-6
+    torch.testing.assert_close(cells[1:6], aggregate_depth(features, window=3, stride=1)[1:6])
+    # The triplets' last cell, centred past the slab's end, averages the last three slices.
+    triplets = aggregate_depth(torch.randn(16, 3, 2, 2), window=3, stride=3, full_windows=True)
+    assert triplets.shape[0] == 6
+    features = torch.randn(16, 3, 2, 2)
+    torch.testing.assert_close(aggregate_depth(features, 3, 3, full_windows=True)[5], features[13:16].mean(0))
+    # Slices that divide into whole windows (the paper's triplets on 96 slices) are not touched.
+    whole = torch.randn(48, 3, 2, 2)
+    assert torch.equal(aggregate_depth(whole, 3, 3, full_windows=True), aggregate_depth(whole, 3, 3))
+    # A slab thinner than a window averages what it has.
+    torch.testing.assert_close(aggregate_depth(features[:2], 3, 1, full_windows=True), features[:2].mean(0).expand(2, -1, -1, -1))
+    torch.testing.assert_close(aggregate_depth(features[:1], 3, 1, full_windows=True), features[:1])
+
+
+def test_full_depth_windows_reach_the_model_and_old_checkpoints_keep_partial_ones() -> None:
+    assert not SimpleSliceNet(flow_blocks=1, condition_dim=16, backbone_weights="random").model.full_depth_windows
+    model = SimpleSliceNet(
+        flow_blocks=1, condition_dim=16, backbone_weights="random", depth_stride=1, full_depth_windows=True
+    )
+    assert model.model.full_depth_windows and model.hparams["full_depth_windows"]
+    features = torch.randn(5, model.model.feature_dim, 2, 2)
+    cells, conditions = model.model.volume_cells(features)
+    torch.testing.assert_close(cells[0], features[0:3].mean(0))
+    # The end cell keeps the depth code of its own slice: the flow still knows where it lies.
+    assert not torch.equal(conditions[0], conditions[1])
+    # The cells the flow trains on (those holding brain) follow the same windows.
+    brain = torch.zeros(7, 8, 8, dtype=torch.bool)
+    brain[2] = True  # brain in slice 2 only: the first cell (slices 0-2) now holds some, not before
+    share = brain_cell_share(brain, (2, 2), 3, 1, full_windows=True)
+    assert share[0].min() > 0 and share[6].max() == 0
+    assert brain_cell_share(brain, (2, 2), 3, 1)[0].max() == 0
+    older = {key: value for key, value in model.hparams.items() if key != "full_depth_windows"}
+    model.on_load_checkpoint({"hyper_parameters": older, "simpleslicenet": {"scoring": model.scoring.to_dict()}})
+    assert not model.model.full_depth_windows and model.hparams["full_depth_windows"] is False
+    torch.testing.assert_close(model.model.volume_cells(features)[0][0], features[0:2].mean(0))
+
+
 # ---------------------------------------------------------------------------------------------- flow
 def test_log_likelihood_of_identity_is_the_standard_normal_per_dimension() -> None:
     z = torch.randn(10, 6)

@@ -61,6 +61,8 @@ class SimpleSliceNetModel(nn.Module):
             ``"auto"``: the coarsest stage's stride (8 pixels for stride-4/8 stages); ``0``: none (the paper's).
         depth_window: Slices averaged per depth cell (paper: 3).
         depth_stride: Slices between depth cells (paper: 3; 1 keeps every slice).
+        full_depth_windows: Depth cells at the slab's ends average ``depth_window`` slices too (their
+            window shifted inwards, their depth code unchanged); ``False``: fewer, the paper's.
         flow_blocks: Coupling blocks (paper: 8).
         clamp: Affine clamping of the couplings (paper: 1.9).
         condition_dim: Size of the 2-D sinusoidal position code (paper: 128).
@@ -91,6 +93,7 @@ class SimpleSliceNetModel(nn.Module):
         slice_padding: int | str = 0,
         depth_window: int = 3,
         depth_stride: int = 3,
+        full_depth_windows: bool = False,
         flow_blocks: int = 8,
         clamp: float = 1.9,
         condition_dim: int = 128,
@@ -124,6 +127,7 @@ class SimpleSliceNetModel(nn.Module):
         )
         self.depth_window = depth_window
         self.depth_stride = depth_stride
+        self.full_depth_windows = full_depth_windows
         self.condition_dim = condition_dim
         self.depth_position = depth_position
         self.volumetric = volumetric
@@ -166,7 +170,7 @@ class SimpleSliceNetModel(nn.Module):
 
     def volume_cells(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Depth cells ``[n, C, h, w]`` of one volume's slice features and their conditions."""
-        cells = aggregate_depth(features, self.depth_window, self.depth_stride)
+        cells = aggregate_depth(features, self.depth_window, self.depth_stride, self.full_depth_windows)
         centres = depth_cell_centres(features.shape[0], self.depth_window, self.depth_stride, device=features.device)
         return cells, self.conditions(cells, centres)
 
@@ -203,11 +207,8 @@ class SimpleSliceNetModel(nn.Module):
                 shares = None if brain is None else [brain_cell_share(brain, features.shape[-2:], window=1, stride=1)]
             else:
                 grids = [self.volume_cells(features[rows]) for rows in volumes]
-                shares = (
-                    None
-                    if brain is None
-                    else [brain_cell_share(brain[rows], features.shape[-2:], self.depth_window, self.depth_stride) for rows in volumes]
-                )
+                depth = (self.depth_window, self.depth_stride, self.full_depth_windows)
+                shares = None if brain is None else [brain_cell_share(brain[rows], features.shape[-2:], *depth) for rows in volumes]
             rows = torch.cat([self.to_rows(cells) for cells, _ in grids])
             conditions = torch.cat([self.to_rows(condition) for _, condition in grids])
             if shares is not None:
