@@ -164,7 +164,8 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
             every other cell (their window shifted inwards, their depth code unchanged) instead of the
             fewer that exist there (``False``, the default and the paper's). It changes nothing where
             the slices divide into whole windows (the paper's triplets on 96 slices); with a cell on
-            every slice it lowered volume AUROC on four of six phantoms (README "Detection", round 11).
+            every slice it lowered volume AUROC in six of nine phantom runs (README "Detection", round 11).
+            Models saved before it existed load with ``False``.
         flow_blocks: Coupling blocks of the flow (paper: 8).
         clamp: Affine clamping of the couplings (paper: 1.9).
         condition_dim: Size of the 2-D sinusoidal position code (paper: 128).
