@@ -61,6 +61,8 @@ SMOOTHING_REGIONS = ("brain", "volume")
 
 
 AUTO = "auto"
+# Settings that "auto" leaves to the training data (SimpleSliceNet.setup).
+RESOLVED_FROM_DATA = ("layers", "smoothing_sigma")
 # The paper smooths with sigma = 4 voxels of 1 mm.
 PAPER_SIGMA_VOXELS = 4.0
 PAPER_SIGMA_MM = 4.0
@@ -345,21 +347,21 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
         self._take_settings(changes)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Take the checkpoint's resolved ``layers`` and smoothing before its weights are loaded.
+        """Take the checkpoint's resolved ``layers``, smoothing, padding and end cells before its weights are loaded.
 
         So ``trainer.test(model, ckpt_path=...)`` works whatever this instance was built with. A
         checkpoint keeps the map settings it was made with (see :meth:`set_map_settings`).
         """
         stored = checkpoint.get("hyper_parameters") or {}
+        # Saved before these settings existed: its slices went in bare, its end cells averaged the slices they had.
+        taken = {"slice_padding": 0, "full_depth_windows": False} if stored else {}
+        taken |= {key: stored[key] for key in (*RESOLVED_FROM_DATA, "slice_padding", "full_depth_windows") if key in stored}
         changes = {
-            key: stored[key]
-            for key in ("layers", "smoothing_sigma")
-            if key in stored and stored[key] != AUTO and _stages(stored[key]) != _stages(self._model_arguments[key])
+            key: value
+            for key, value in taken.items()
+            # An unresolved "auto" (a model never trained) leaves this instance's value.
+            if not (key in RESOLVED_FROM_DATA and value == AUTO) and _stages(value) != _stages(self._model_arguments[key])
         }
-        if stored and "slice_padding" not in stored:
-            changes["slice_padding"] = 0  # saved before the padding existed: its slices went in bare
-        if stored and "full_depth_windows" not in stored:
-            changes["full_depth_windows"] = False  # and its end cells averaged the slices they had
         if changes:
             self._take_settings(changes)
         if stored:
