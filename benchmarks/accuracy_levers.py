@@ -24,18 +24,23 @@ defaults: 2 mm, 96x104x48, a fixed split):
   (``smoothing_sigma=1``, in voxels), and the first two together; and 8 pixels of slice padding
   (``slice_padding=8``, the ``"auto"`` value at these stages) instead of the quick configuration's 16;
   and end cells that average three slices, their window shifted inwards (``full_depth_windows=True``),
-  instead of the two they have.
+  instead of the two they have;
+* the same phantom at 1 mm on a 192x208x96 grid (the same field of view at twice the resolution):
+  ``plain 1 mm``, ``SimpleSliceNet()`` as it resolves itself there (stride-8/16 stages, 4 mm smoothing),
+  and ``1 mm``, ``configs/model/simpleslicenet.yaml`` (the paper's settings), to say what the quick 2 mm
+  configuration gives up against a 1 mm one.
 
-The first two are then tested through ``Engine.test`` (the model's own evaluator, threshold from
-validation) once per inference-time variant, on the same weights: what the map is measured against
+The first two and ``1 mm`` are then tested through ``Engine.test`` (the model's own evaluator, threshold
+from validation) once per inference-time variant, on the same weights: what the map is measured against
 (the scan's median brain voxel, the default, or the paper's most likely cell, ``1 − exp(ℓ − max ℓ)``
 smoothed in the authors' order) and where the map is smoothed (over the brain's voxels only, the
-default, or over the whole slab); the others with the defaults only. For healthy test volumes it also
+default, or over the whole slab); the others with the defaults only (``1 mm`` with its own map, the
+paper's, under ``--default-variant-only``). For healthy test volumes it also
 records where the hottest voxel sits along the slab, to show whether the first and last slices draw the
 maximum (a boundary artifact), and for lesion test volumes whether it lies on a lesion: the volume score
 is the hottest voxel, and a score that ranks a scan high for a voxel off its lesion is right by chance.
 
-    python benchmarks/accuracy_levers.py                 # every configuration, 3 seeds, 6 epochs (about 2 h on 2 CPU cores)
+    python benchmarks/accuracy_levers.py                 # every configuration, 3 seeds, 6 epochs (about 5 h on 2 CPU cores, 2 h at 1 mm)
     python benchmarks/accuracy_levers.py --configurations plain quick --default-variant-only   # the defaults (about 12 min)
     python benchmarks/accuracy_levers.py --seeds 0 --epochs 1 --configurations plain   # a check that everything runs
 
@@ -102,7 +107,11 @@ FINER_LEVERS = {
 }
 CONFIGURATIONS = (
     "plain", "quick", "paper loss", "quick+whole_brain", "quick before", *QUICK_LEVERS, "quick+deterministic", *FINER_LEVERS,
+    "plain 1 mm", "1 mm",
 )
+ONE_MM = {"spacing_mm": 1.0, "target_shape": (192, 208, 96)}  # the 2 mm phantom's 96x104x48 field of view
+DATA = {"quick+whole_brain": {"crop": "whole_brain"}, "plain 1 mm": ONE_MM, "1 mm": ONE_MM}
+OWN_MAP = {"1 mm": VARIANTS[2]}  # simpleslicenet.yaml's own map: the paper's peak, smoothed over the slab
 EDGE_SLICES = 3  # "at the slab's edge": the hottest voxel lies within this many slices of either end
 DIAGNOSTICS = {
     "healthy_hottest_at_edge": f"healthy max within {EDGE_SLICES} slices of an end",
@@ -154,8 +163,10 @@ def _model(configuration: str):  # noqa: ANN202
     from simpleslicenet.models import registry
     from simpleslicenet.models.simpleslicenet import SimpleSliceNet
 
-    if configuration == "plain":
+    if configuration in ("plain", "plain 1 mm"):
         return SimpleSliceNet()
+    if configuration == "1 mm":
+        return SimpleSliceNet(**registry.config_init_args(registry.packaged_config("simpleslicenet.yaml")))
     if configuration == "paper loss":
         return SimpleSliceNet(**PAPER_TRAINING, **PREVIOUS_QUICK)
     quick = registry.config_init_args(registry.packaged_config("simpleslicenet_phantom.yaml"))
@@ -174,7 +185,7 @@ def run(seeds: list[int], epochs: int, workdir: Path, configurations: list[str],
 
     records = []
     for configuration in configurations:
-        datamodule = BrainPhantom(progress=False, crop="whole_brain" if configuration.endswith("whole_brain") else "brain")
+        datamodule = BrainPhantom(progress=False, **DATA.get(configuration, {}))
         for seed in seeds:
             seed_everything(seed)
             model = _model(configuration)
@@ -183,7 +194,8 @@ def run(seeds: list[int], epochs: int, workdir: Path, configurations: list[str],
             start = time.perf_counter()
             engine.fit(model, datamodule=datamodule)
             train_s = time.perf_counter() - start
-            for label, reference, region in VARIANTS if variants and configuration in CONFIGURATIONS[:2] else VARIANTS[:1]:
+            own = [OWN_MAP[configuration]] if configuration in OWN_MAP else VARIANTS[:1]
+            for label, reference, region in VARIANTS if variants and configuration in ("plain", "quick", *OWN_MAP) else own:
                 model.set_map_settings(reference, region)
                 hottest, breakdown = HottestVoxel(), MetricBreakdown()
                 tester = _engine(folder, epochs, callbacks=[hottest, breakdown])
