@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
+import dataclasses
 import json
 import os
 import platform
@@ -81,6 +81,7 @@ from simpleslicenet.models.scoring import VolumeScoring, score_volumes
 from simpleslicenet.models.simpleslicenet.flow import log_likelihood
 from simpleslicenet.models.simpleslicenet.lightning_model import fit_flow_on_features
 from simpleslicenet.models.simpleslicenet.loss import create_loss
+from simpleslicenet.models.simpleslicenet.settings import SimpleSliceNetSettings
 from simpleslicenet.models.simpleslicenet.torch_model import SimpleSliceNetModel
 
 __all__ = ["main"]
@@ -159,26 +160,24 @@ def _scored(raw_map: torch.Tensor, brain: torch.Tensor, scoring: VolumeScoring) 
     return scores.anomaly_map, scores.volume_scores[:1]
 
 
-def _simpleslicenet_args(key: str) -> tuple[dict, dict]:
-    """The torch model's arguments and all ``init_args`` of the model's packaged configuration."""
+def _simpleslicenet_settings(key: str) -> SimpleSliceNetSettings:
+    """The settings of the model's packaged configuration, with the benchmark's overrides."""
     config, overrides = SIMPLESLICENET_CONFIGS[key]
-    args = {**config_init_args(packaged_config(config)), **overrides}
-    accepted = inspect.signature(SimpleSliceNetModel).parameters
-    return {name: value for name, value in args.items() if name in accepted}, args
+    return SimpleSliceNetSettings(**{**config_init_args(packaged_config(config)), **overrides})
 
 
 def build_reference(key: str, grey: torch.Tensor, brain: torch.Tensor, device: torch.device) -> dict[str, Any]:
     """The model in float32, trained a few steps on the volume; every variant starts from these weights."""
     torch.manual_seed(0)
     if key.startswith("SimpleSliceNet"):
-        model_args, all_args = _simpleslicenet_args(key)
-        model = SimpleSliceNetModel(**model_args).to(device).train()
-        optimizer = torch.optim.Adam([p for p in model.flow.parameters() if p.requires_grad], lr=all_args["lr"])
+        settings = _simpleslicenet_settings(key)
+        model = SimpleSliceNetModel(settings).to(device).train()
+        optimizer = torch.optim.Adam([p for p in model.flow.parameters() if p.requires_grad], lr=settings.lr)
         features, conditions = model.training_features(_normalise(grey), [slice(0, grey.shape[0])])
-        loss = create_loss(all_args["loss"])
+        loss = create_loss(settings.loss)
         for _ in range(3):
-            fit_flow_on_features(model.flow, loss, features, conditions, optimizer, all_args["features_per_step"])
-        return {"model": model.eval(), "args": model_args, "train_args": all_args, "scoring": VolumeScoring()}
+            fit_flow_on_features(model.flow, loss, features, conditions, optimizer, settings.features_per_step)
+        return {"model": model.eval(), "settings": settings, "scoring": settings.scoring()}
     if key == "AE3D":
         module = create_model("AE3D", visualizer=False)
         model = module.model.to(device).train()
@@ -208,14 +207,13 @@ def build_variant(key: str, variant: str, reference: dict, device: torch.device,
     scoring = reference["scoring"]
     inputs: dict[str, torch.Tensor] = {}
     if key.startswith("SimpleSliceNet"):
-        options = {
-            "precision": "bf16" if bf16 and variant != "bf16-flow" else "fp32",
-            "channels_last": bf16,
-            "compile_mode": compile_mode if compiled else None,
-        }
-        model = SimpleSliceNetModel(**reference["args"], **options).to(device)
+        settings = dataclasses.replace(reference["settings"], compile_mode=compile_mode if compiled else None)
+        model = SimpleSliceNetModel(settings, precision="bf16" if bf16 and variant != "bf16-flow" else "fp32").to(device)
         model.load_state_dict(reference["model"].state_dict())
         model.eval()
+        # bf16 variants also run the backbone in channels-last layout (what GPU tensor cores prefer).
+        layout = torch.channels_last if bf16 else torch.contiguous_format
+        model.encoder.backbone.to(memory_format=layout)
 
         if variant == "bf16-flow":
 
@@ -232,19 +230,16 @@ def build_variant(key: str, variant: str, reference: dict, device: torch.device,
         else:
 
             def infer(grey: torch.Tensor, brain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                return _scored(model.predict_volume(_normalise(grey)), brain, scoring)
+                return _scored(model.predict_volume(_normalise(grey).contiguous(memory_format=layout)), brain, scoring)
 
-        train_args = reference["train_args"]
-        loss = create_loss(train_args["loss"])
-        optimizer = torch.optim.Adam([p for p in model.flow.parameters() if p.requires_grad], lr=train_args["lr"])
+        loss = create_loss(settings.loss)
+        optimizer = torch.optim.Adam([p for p in model.flow.parameters() if p.requires_grad], lr=settings.lr)
 
         def train() -> None:
             model.train()
             images = inputs["images"]
             features, conditions = model.training_features(images, [slice(0, images.shape[0])])
-            fit_flow_on_features(
-                model.flow, loss, features, conditions, optimizer, train_args["features_per_step"], train_args["noise_std"]
-            )
+            fit_flow_on_features(model.flow, loss, features, conditions, optimizer, settings.features_per_step)
             model.eval()
 
         return Bench(infer=infer, train=train, module=model, train_inputs=inputs)

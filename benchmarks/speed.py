@@ -103,6 +103,7 @@ def run_case(case: dict) -> dict:
 
     from simpleslicenet.models.simpleslicenet.lightning_model import fit_flow_on_features
     from simpleslicenet.models.simpleslicenet.loss import create_loss
+    from simpleslicenet.models.simpleslicenet.settings import SimpleSliceNetSettings
     from simpleslicenet.models.simpleslicenet.torch_model import SimpleSliceNetModel
 
     device = torch.device(case["device"])
@@ -110,9 +111,10 @@ def run_case(case: dict) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     layers, embed_dim = BACKBONES[case["backbone"]]
-    model = SimpleSliceNetModel(
-        backbone=case["backbone"], layers=layers, backbone_weights="random", embed_dim=embed_dim
-    ).to(device)
+    settings = SimpleSliceNetSettings(
+        backbone=case["backbone"], layers=layers, backbone_weights="random", embed_dim=embed_dim, variant="paper"
+    )
+    model = SimpleSliceNetModel(settings).to(device)
     memory_format = torch.channels_last if case["channels_last"] else torch.contiguous_format
     model.encoder.backbone.to(memory_format=memory_format)
     height, width, depth = case["size"]

@@ -35,7 +35,7 @@ def phantom_datamodule(phantom_root: Path):  # noqa: ANN201
 
 
 # Small SimpleSliceNet settings for tests: real offline backbone, short flow, light smoothing.
-TINY_SIMPLESLICENET = {"flow_blocks": 2, "features_per_step": 256, "smoothing_sigma": 1.0}
+TINY_SIMPLESLICENET = {"flow_blocks": 2, "smoothing_sigma": 1.0}
 
 
 def tiny_engine(root: Path, max_epochs: int = 2, **kwargs):  # noqa: ANN201

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[1]
 SHAPE = (40, 40, 24)
 TINY = {
-    "SimpleSliceNet": {"backbone_weights": "random", "flow_blocks": 2, "features_per_step": 256, "smoothing_sigma": 1.0},
+    "SimpleSliceNet": {"backbone_weights": "random", "flow_blocks": 2, "smoothing_sigma": 1.0},
     "PatchcoreSlices": {"coreset_sampling_ratio": 0.25},
     "CflowSlices": {"fiber_batch_size": 16, "coupling_blocks": 2, "condition_vector": 16},
     "AE3D": {"widths": [8, 16], "latent_channels": 4, "sigma": 1.0},

@@ -6,10 +6,10 @@ A model's job ends at its raw voxel map ``[N, H, W]`` (the slices of one or more
 * brings the map onto the volume's slice grid (models that resize slices internally return smaller maps),
 * optionally smooths it over the brain's voxels only (``VolumeScoring(smoothing_sigma=...)``, a normalised
   convolution): values outside the brain, where a model trained on brain tissue scores its highest, never
-  leak into the brain's edge (SimpleSliceNet's default, README "Detection");
+  leak into the brain's edge (SimpleSliceNet's default);
 * optionally centres it on the volume's median brain voxel (``VolumeScoring(map_reference="brain_median")``):
   a scan's map is then measured against its own typical brain tissue, which takes out a per-scan offset of
-  the whole map (SimpleSliceNet's default, README "Detection");
+  the whole map (SimpleSliceNet's default);
 * restricts it to the brain: outside the brain every voxel gets the volume's lowest brain score. Scans
   are skull-stripped, so nothing there can be a lesion; left in, responses to the background and the
   crop border would decide the scores. The floor is the volume's own minimum, not 0, because some

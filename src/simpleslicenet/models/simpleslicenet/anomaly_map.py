@@ -12,26 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from simpleslicenet.choices import check_choice
 from simpleslicenet.models.smoothing import resize_and_blur
 
 from .precision import full_precision
 
-__all__ = ["MAP_ORDERS", "MAP_REFERENCES", "AnomalyMapGenerator", "likelihood_to_score"]
-
-# "smooth_then_score" (the default): resize and smooth ℓ itself, then the score, with scipy's
-# gaussian_filter defaults (4σ, mirrored borders), the order of the authors' code; on the phantom it
-# gave a higher voxel AUPRC for every seed (benchmarks/accuracy_levers.py). "score_then_smooth":
-# 1 − exp(ℓ − max ℓ) on the cell grid, then resize and smooth (replicate borders, 3σ).
-MAP_ORDERS = ("score_then_smooth", "smooth_then_score")
-# What the map is measured against inside the model. "peak" (the paper's): 1 − exp(ℓ − max ℓ), the
-# volume's own most likely cell. "none": the smoothed negative log-likelihood −ℓ itself, left for the
-# scoring step to centre on the scan's median brain voxel (VolumeScoring(map_reference="brain_median")),
-# which needs the brain mask the graph does not take. A single extreme cell sets the peak; the median
-# of a scan's brain is a steadier measure of its level (README "Detection"). With SimpleSliceNet's default
-# smoothing_region="brain" this generator only upsamples (sigma 0) and the scoring step smooths within
-# the brain mask.
-MAP_REFERENCES = ("peak", "none")
+__all__ = ["AnomalyMapGenerator", "likelihood_to_score"]
 
 
 def likelihood_to_score(log_likelihood: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -51,41 +36,38 @@ def likelihood_to_score(log_likelihood: torch.Tensor, dims: tuple[int, ...] | No
 class AnomalyMapGenerator(nn.Module):
     """Score map at input resolution from a grid of log-likelihoods.
 
+    The log-likelihood ``ℓ`` is resized and smoothed first (scipy's ``gaussian_filter`` conventions: a
+    4σ radius, mirrored borders, as in the authors' code), then made a score.
+
     Args:
         sigma: Standard deviation of the Gaussian smoothing in voxels (paper: 4); ``0`` turns it off.
-        order: One of :data:`MAP_ORDERS` (with ``reference="peak"``).
-        reference: One of :data:`MAP_REFERENCES`. With ``"none"`` the map is ``−ℓ`` smoothed as in
-            ``"smooth_then_score"`` and ``order`` has no effect.
+        peak: The paper's score ``1 − exp(ℓ − max ℓ)``, measured against the volume's (or image's) most
+            likely location; ``False``: ``−ℓ``, which the shared scoring step measures against the scan's
+            median brain voxel (it needs the brain mask the graph does not take).
     """
 
-    def __init__(self, sigma: float = 4.0, order: str = "smooth_then_score", reference: str = "peak") -> None:
+    def __init__(self, sigma: float = 4.0, peak: bool = True) -> None:
         super().__init__()
-        check_choice("map order", order, MAP_ORDERS)
-        check_choice("map reference", reference, MAP_REFERENCES)
         self.sigma = sigma
-        self.order = order
-        self.reference = reference
+        self.peak = peak
 
     def _map(self, log_likelihood: torch.Tensor, size: tuple[int, ...], dims: tuple[int, ...] | None) -> torch.Tensor:
         with full_precision(log_likelihood.device.type):
-            log_likelihood = log_likelihood.float()
-            if self.reference == "peak" and self.order == "score_then_smooth":
-                return resize_and_blur(likelihood_to_score(log_likelihood, dims), size, self.sigma)
-            smoothed = resize_and_blur(log_likelihood, size, self.sigma, truncate=4.0, mode="reflect")
-            return likelihood_to_score(smoothed, dims) if self.reference == "peak" else -smoothed
+            smoothed = resize_and_blur(log_likelihood.float(), size, self.sigma, truncate=4.0, mode="reflect")
+            return likelihood_to_score(smoothed, dims) if self.peak else -smoothed
 
     def volume_map(self, log_likelihood: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
         """Voxel map ``[D, H, W]`` of ONE volume from its cell grid ``[d, h, w]``.
 
-        With ``reference="peak"`` the score is normalised by the volume's own most likely cell;
-        upsampling is trilinear and the smoothing 3-D, before or after the score as ``order`` says.
+        Upsampling is trilinear and the smoothing 3-D; with ``peak`` the score is measured against the
+        volume's own most likely cell.
         """
         return self._map(log_likelihood, size, None)
 
     def image_maps(self, log_likelihood: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Pixel maps ``[N, H, W]`` of independent images from their grids ``[N, h, w]``.
 
-        Smoothed in 2-D; with ``reference="peak"`` each image is normalised by its own most likely location.
+        Smoothed in 2-D; with ``peak`` each image is measured against its own most likely location.
         """
         return self._map(log_likelihood, size, (1, 2))
 

@@ -95,8 +95,6 @@ class SliceFeatureExtractor(nn.Module):
         neighbourhood: Size of the local averaging window.
         precision: ``"fp32"``, or ``"bf16"`` to run the backbone and pooling under bf16 autocast (the
             embedding is returned in float32 either way; see :mod:`.precision`).
-        channels_last: Keep the backbone's weights and its input in channels-last memory layout (the
-            layout GPU tensor cores and oneDNN convolutions prefer).
         padding: Pixels of background added around each slice before the backbone (each channel's
             darkest value, the background of a skull-stripped slice); the embedding is cut back to the
             slice's locations. The backbone pads with zeros, which after ImageNet normalisation is
@@ -116,7 +114,6 @@ class SliceFeatureExtractor(nn.Module):
         embed_dim: int | None = None,
         neighbourhood: int = 3,
         precision: str = "fp32",
-        channels_last: bool = False,
         padding: int = 0,
         stride: int = 1,
     ) -> None:
@@ -127,10 +124,6 @@ class SliceFeatureExtractor(nn.Module):
             raise ValueError(msg)
         self.padding = int(padding)
         self.stride = int(stride)
-        self.channels_last = bool(channels_last)
-        if self.channels_last:
-            # Module.to keeps each tensor's layout, so later moves between devices keep this one.
-            backbone = backbone.to(memory_format=torch.channels_last)
         self.backbone = backbone
         self.layer_channels = [int(c) for c in layer_channels]
         self.embed_dim = embed_dim
@@ -176,8 +169,6 @@ class SliceFeatureExtractor(nn.Module):
             margin = (self.padding,) * 4
             inside = F.pad(torch.ones_like(images[:1, :1]), margin) > 0
             images = torch.where(inside, F.pad(images, margin), images.amin(dim=(-2, -1), keepdim=True))
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         with encoder_autocast(images.device.type, self.precision):
             with torch.no_grad():
                 maps = self.backbone(images)
@@ -200,7 +191,6 @@ def depth_average_matrix(
     stride: int = 3,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
-    full_windows: bool = False,
 ) -> torch.Tensor:
     """``[ceil(depth / stride), depth]`` matrix of :func:`aggregate_depth`: row ``i`` averages cell ``i``'s slices.
 
@@ -210,28 +200,19 @@ def depth_average_matrix(
         stride: Slices between cell centres.
         device: Where to build it.
         dtype: Its data type.
-        full_windows: Shift the window of a cell at the slab's ends inwards so that it averages
-            ``window`` slices, as every other cell does, instead of the fewer that exist there.
     """
     centres = depth_cell_centres(depth, window, stride, device=device)
     slices = torch.arange(depth, device=device)
-    if full_windows:
-        # The last centre as a tensor: it follows a dynamic number of slices in an exported graph.
-        last = slices[-1:] - window // 2
-        centres = torch.minimum(centres.clamp(min=(window - 1) // 2), last).clamp(min=0)
     offsets = slices[None, :] - centres[:, None]
     members = ((offsets >= -((window - 1) // 2)) & (offsets <= window // 2)).to(dtype)  # [cells, depth]
     return members / members.sum(dim=1, keepdim=True).clamp(min=1.0)
 
 
-def aggregate_depth(
-    features: torch.Tensor, window: int = 3, stride: int = 3, full_windows: bool = False
-) -> torch.Tensor:
+def aggregate_depth(features: torch.Tensor, window: int = 3, stride: int = 3) -> torch.Tensor:
     """Mean over ``window`` neighbouring slices, one cell every ``stride`` slices, within ONE volume.
 
     Cell ``i`` is centred on slice ``c_i = i·stride + (stride - 1) // 2`` and averages slices
-    ``c_i - (window-1)//2 .. c_i + window//2`` that exist (edge cells average fewer slices; with
-    ``full_windows`` their window is shifted inwards to ``window`` slices instead). With
+    ``c_i - (window-1)//2 .. c_i + window//2`` that exist (edge cells average fewer slices). With
     ``window = stride = 3`` this is the paper's disjoint triplets (96 slices → 32 cells); with
     ``stride = 1`` it keeps full depth resolution (``D`` cells, each the mean of its neighbours).
 
@@ -242,7 +223,6 @@ def aggregate_depth(
         features: ``[D, C, h, w]`` slice features of one volume, in depth order.
         window: Slices per cell (``>= stride`` so no slice is skipped).
         stride: Slices between cell centres.
-        full_windows: Every cell averages ``window`` slices, also at the slab's ends.
 
     Returns:
         ``[ceil(D / stride), C, h, w]``.
@@ -255,9 +235,7 @@ def aggregate_depth(
         raise ValueError(msg)
     if window == 1 and stride == 1:
         return features
-    matrix = depth_average_matrix(
-        features.shape[0], window, stride, device=features.device, dtype=features.dtype, full_windows=full_windows
-    )
+    matrix = depth_average_matrix(features.shape[0], window, stride, device=features.device, dtype=features.dtype)
     return apply_separable(features, [matrix, None, None, None])
 
 
@@ -298,15 +276,13 @@ def positional_encoding_2d(dims: int, height: int, width: int, device: torch.dev
     return torch.cat([code_columns, code_rows], dim=0)
 
 
-def brain_cell_share(
-    brain: torch.Tensor, grid: tuple[int, int], window: int = 3, stride: int = 3, full_windows: bool = False
-) -> torch.Tensor:
+def brain_cell_share(brain: torch.Tensor, grid: tuple[int, int], window: int = 3, stride: int = 3) -> torch.Tensor:
     """Share of brain voxels in each depth cell ``[ceil(D / stride), h, w]`` of ONE volume's mask ``[D, H, W]``.
 
     The same in-plane areas and slice groups as the features of those cells (:func:`aggregate_depth`).
     """
     share = F.adaptive_avg_pool2d(brain.float()[:, None], grid)
-    return aggregate_depth(share, window, stride, full_windows)[:, 0]
+    return aggregate_depth(share, window, stride)[:, 0]
 
 
 class FeatureStandardizer(nn.Module):

@@ -2,7 +2,7 @@
 
 Normal features ``x`` and their noised copies ``x + ε`` (``ε ~ N(0, σ²)``, the pseudo-anomalies) both
 go through the flow; ``ℓ_n`` and ``ℓ_a`` below are their per-dimension log-likelihoods (see
-:func:`~simpleslicenet.models.simpleslicenet.flow.log_likelihood`). Two objectives are available:
+:func:`~simpleslicenet.models.simpleslicenet.flow.log_likelihood`). Three objectives are available:
 
 * :class:`BoundaryGuidedSemiPushPullLoss` — the paper's loss, after the boundary-guided semi-push-pull
   contrast of BGAD (Yao et al., CVPR 2023): maximum likelihood on normals, normals pulled above a
@@ -16,8 +16,6 @@ go through the flow; ``ℓ_n`` and ``ℓ_a`` below are their per-dimension log-l
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -40,29 +38,16 @@ __all__ = [
 
 
 def add_feature_noise(
-    features: torch.Tensor,
-    std: float | Sequence[float] = 0.08,
-    generator: torch.Generator | None = None,
-    scale: torch.Tensor | None = None,
+    features: torch.Tensor, std: float = 0.08, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Pseudo-anomalies: ``features + ε`` with ``ε ~ N(0, σ²)`` per element.
 
     Args:
         features: ``[N, C]``.
-        std: One ``σ``, or several: each row then draws its ``σ`` uniformly from the list (a mixture
-            of noise scales).
+        std: ``σ`` in feature units.
         generator: Random generator (``None``: torch's global one).
-        scale: ``[C]`` factors of ``σ`` per dimension (e.g. the features' own spread); ``None``: 1.
     """
     noise = torch.randn(features.shape, generator=generator, device=features.device, dtype=features.dtype)
-    if scale is not None:
-        noise = noise * scale
-    if isinstance(std, Sequence) and not isinstance(std, str):
-        scales = torch.as_tensor(list(std), device=features.device, dtype=features.dtype)
-        if len(scales) == 1:
-            return features + noise * scales[0]
-        choice = torch.randint(len(scales), (features.shape[0],), generator=generator, device=features.device)
-        return features + noise * scales[choice][:, None]
     return features + noise * std
 
 

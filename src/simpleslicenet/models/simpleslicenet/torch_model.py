@@ -7,26 +7,24 @@ branch, so it exports to ONNX/OpenVINO with a dynamic ``D``; for the same reason
 the device, runs under ``torch.compile`` and can be captured in a CUDA graph
 (:class:`~simpleslicenet.models.cuda_graphs.CapturedCall`).
 
-GPU options (all off by default; exported graphs are float32 whatever they say):
+GPU options (both off by default; exported graphs are float32 whatever they say):
 
 * ``precision="bf16"``: the slice encoder under bf16 autocast; the flow and the map stay float32
   (:mod:`.precision`).
-* ``channels_last=True``: the backbone's weights and input in channels-last layout.
-* ``compile_mode``: ``torch.compile`` the slice encoder and the flow (the modules that do the
+* ``settings.compile_mode``: ``torch.compile`` the slice encoder and the flow (the modules that do the
   arithmetic, for inference and training alike) with this mode, e.g. ``"default"`` or
   ``"max-autotune-no-cudagraphs"``.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 from anomalib.data import InferenceBatch
 from torch import nn
 
-from simpleslicenet.models.backbones import DEFAULT_BACKBONE, create_feature_extractor
+from simpleslicenet.models.backbones import create_feature_extractor
 from simpleslicenet.models.scoring import slice_scores
 
 from .anomaly_map import AnomalyMapGenerator
@@ -40,112 +38,72 @@ from .features import (
     positional_encoding_2d,
 )
 from .flow import ConditionalFlow
+from .settings import AUTO, CLAMP, CONDITION_DIM, DEPTH_CONDITION_DIM, SimpleSliceNetSettings
 
-__all__ = ["DEPTH_CONDITION_DIM", "SimpleSliceNetModel"]
-
-# Size of the optional depth code appended to the 2-D position code.
-DEPTH_CONDITION_DIM = 32
+__all__ = ["SimpleSliceNetModel"]
 
 
 class SimpleSliceNetModel(nn.Module):
     """Slice encoder + depth aggregation + conditional normalizing flow.
 
     Args:
-        backbone: timm backbone name.
-        layers: Backbone stages (names or feature-info indices); ``None``: stride 8 and 16.
-        backbone_weights: ``"imagenet"``, a local weights file, or ``"random"``.
-        embed_dim: Feature size per location; ``None`` keeps and concatenates the stages' channels.
-        neighbourhood: Local averaging window on each feature map (paper: 3).
-        slice_padding: Pixels of background added around each slice before the backbone, so its
-            zero padding never lies against the brain (:class:`.features.SliceFeatureExtractor`);
-            ``"auto"``: the coarsest stage's stride (8 pixels for stride-4/8 stages); ``0``: none (the paper's).
-        depth_window: Slices averaged per depth cell (paper: 3).
-        depth_stride: Slices between depth cells (paper: 3; 1 keeps every slice).
-        full_depth_windows: Depth cells at the slab's ends average ``depth_window`` slices too (their
-            window shifted inwards, their depth code unchanged); ``False``: fewer, the paper's.
-        flow_blocks: Coupling blocks (paper: 8).
-        clamp: Affine clamping of the couplings (paper: 1.9).
-        condition_dim: Size of the 2-D sinusoidal position code (paper: 128).
-        depth_position: Append a sinusoidal code of the depth cell's centre slice to the condition.
-        standardize_features: Standardise the flow's inputs per dimension with statistics taken from
-            the first training batch (:class:`.features.FeatureStandardizer`).
-        smoothing_sigma: Gaussian smoothing of the map in voxels (paper: 4).
-        map_order: Smooth the score or the log-likelihood (see :data:`.anomaly_map.MAP_ORDERS`).
-        map_reference: ``"peak"`` (``1 − exp(ℓ − max ℓ)``) or ``"none"`` (``−ℓ``, centred later by the
-            scoring step); see :data:`.anomaly_map.MAP_REFERENCES`.
-        volumetric: What ``forward`` does in eval mode: one volume (``True``) or independent images.
-        precision: ``"fp32"`` or ``"bf16"`` (slice encoder under bf16 autocast).
-        channels_last: Channels-last layout for the backbone and its input.
-        compile_mode: ``torch.compile`` mode for the slice encoder and the flow; ``None``: eager.
+        settings: What the model is (:class:`.settings.SimpleSliceNetSettings`); ``"auto"`` stages are the
+            stride-8/16 ones, an ``"auto"`` padding the coarsest stage's stride and an ``"auto"`` smoothing
+            4 voxels until the training data resolve them.
+        precision: ``"fp32"`` or ``"bf16"`` (slice encoder under bf16 autocast; see :mod:`.precision`).
 
     Raises:
-        ValueError: ``depth_stride`` outside ``1 .. depth_window``, an unknown precision, or a
-            ``slice_padding`` that is not a multiple of the finest stage's stride.
+        ValueError: An unknown precision, or a ``slice_padding`` that is not a multiple of the finest
+            stage's stride.
     """
 
-    def __init__(
-        self,
-        backbone: str = DEFAULT_BACKBONE,
-        layers: Sequence[str | int] | None = None,
-        backbone_weights: str | os.PathLike | None = "imagenet",
-        embed_dim: int | None = None,
-        neighbourhood: int = 3,
-        slice_padding: int | str = 0,
-        depth_window: int = 3,
-        depth_stride: int = 3,
-        full_depth_windows: bool = False,
-        flow_blocks: int = 8,
-        clamp: float = 1.9,
-        condition_dim: int = 128,
-        depth_position: bool = False,
-        standardize_features: bool = False,
-        smoothing_sigma: float = 4.0,
-        map_order: str = "smooth_then_score",
-        map_reference: str = "peak",
-        volumetric: bool = True,
-        precision: str = "fp32",
-        channels_last: bool = False,
-        compile_mode: str | None = None,
-    ) -> None:
+    def __init__(self, settings: SimpleSliceNetSettings | None = None, precision: str = "fp32") -> None:
         super().__init__()
-        if not 1 <= depth_stride <= depth_window:
-            msg = (
-                f"need 1 <= depth_stride <= depth_window, got depth_window={depth_window}, depth_stride={depth_stride}"
-            )
-            raise ValueError(msg)
-        extractor = create_feature_extractor(backbone, layers, backbone_weights)
+        settings = settings if settings is not None else SimpleSliceNetSettings()
+        self.settings = settings
+        layers = None if settings.layers == AUTO else list(settings.layers)
+        extractor = create_feature_extractor(settings.backbone, layers, settings.backbone_weights)
         strides = extractor.feature_info.reduction()
         self.encoder = SliceFeatureExtractor(
             extractor,
             layer_channels=extractor.feature_info.channels(),
-            embed_dim=embed_dim,
-            neighbourhood=neighbourhood,
+            embed_dim=settings.embed_dim,
+            neighbourhood=settings.neighbourhood,
             precision=precision,
-            channels_last=channels_last,
-            padding=max(strides) if slice_padding == "auto" else int(slice_padding),
+            padding=max(strides) if settings.slice_padding == AUTO else int(settings.slice_padding),
             stride=min(strides),
         )
-        self.depth_window = depth_window
-        self.depth_stride = depth_stride
-        self.full_depth_windows = full_depth_windows
-        self.condition_dim = condition_dim
-        self.depth_position = depth_position
-        self.volumetric = volumetric
+        self.depth_window = settings.depth_window
+        self.depth_stride = settings.depth_stride
+        self.depth_position = settings.depth_position
+        self.volumetric = settings.volumetric
         self.feature_dim = self.encoder.out_dim
-        # Only when asked for: checkpoints of models without it keep loading strictly.
-        self.standardizer = FeatureStandardizer(self.feature_dim) if standardize_features else None
+        # The paper's variant has no standardiser, so its state dict is the paper's model's.
+        self.standardizer = FeatureStandardizer(self.feature_dim) if settings.standardize_features else None
         self.flow = ConditionalFlow(
             dims=self.feature_dim,
-            condition_dims=condition_dim + (DEPTH_CONDITION_DIM if depth_position else 0),
-            blocks=flow_blocks,
-            clamp=clamp,
+            condition_dims=CONDITION_DIM + (DEPTH_CONDITION_DIM if settings.depth_position else 0),
+            blocks=settings.flow_blocks,
+            clamp=CLAMP,
         )
-        self.anomaly_map_generator = AnomalyMapGenerator(sigma=smoothing_sigma, order=map_order, reference=map_reference)
-        self.compile_mode = compile_mode
-        if compile_mode is not None:
+        self.anomaly_map_generator = AnomalyMapGenerator(peak=settings.paper)
+        self.retune(settings)
+        if settings.compile_mode is not None:
             # In place (nn.Module.compile): parameters, state dict and every caller stay as they are.
-            self.encoder.compile(mode=compile_mode)
-            self.flow.compile(mode=compile_mode)
+            self.encoder.compile(mode=settings.compile_mode)
+            self.flow.compile(mode=settings.compile_mode)
+
+    def retune(self, settings: SimpleSliceNetSettings) -> None:
+        """Take settings that build the same modules (:meth:`.settings.SimpleSliceNetSettings.same_graph`).
+
+        Raises:
+            ValueError: ``settings`` would build other modules.
+        """
+        if not settings.same_graph(self.settings):
+            msg = f"these settings need a new model: {settings}"
+            raise ValueError(msg)
+        self.settings = settings
+        self.anomaly_map_generator.sigma = settings.sigma_voxels if settings.smooths_in_graph else 0.0
 
     # ----------------------------------------------------------------- features and their conditions
     def conditions(self, cells: torch.Tensor, depth_positions: torch.Tensor | None) -> torch.Tensor:
@@ -157,7 +115,7 @@ class SimpleSliceNetModel(nn.Module):
                 ``None`` gives independent images a zero depth code.
         """
         count, _, height, width = cells.shape
-        code = positional_encoding_2d(self.condition_dim, height, width, device=cells.device).to(cells.dtype)
+        code = positional_encoding_2d(CONDITION_DIM, height, width, device=cells.device).to(cells.dtype)
         code = code.unsqueeze(0).expand(count, -1, -1, -1)
         if not self.depth_position:
             return code
@@ -170,7 +128,7 @@ class SimpleSliceNetModel(nn.Module):
 
     def volume_cells(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Depth cells ``[n, C, h, w]`` of one volume's slice features and their conditions."""
-        cells = aggregate_depth(features, self.depth_window, self.depth_stride, self.full_depth_windows)
+        cells = aggregate_depth(features, self.depth_window, self.depth_stride)
         centres = depth_cell_centres(features.shape[0], self.depth_window, self.depth_stride, device=features.device)
         return cells, self.conditions(cells, centres)
 
@@ -207,7 +165,7 @@ class SimpleSliceNetModel(nn.Module):
                 shares = None if brain is None else [brain_cell_share(brain, features.shape[-2:], window=1, stride=1)]
             else:
                 grids = [self.volume_cells(features[rows]) for rows in volumes]
-                depth = (self.depth_window, self.depth_stride, self.full_depth_windows)
+                depth = (self.depth_window, self.depth_stride)
                 shares = None if brain is None else [brain_cell_share(brain[rows], features.shape[-2:], *depth) for rows in volumes]
             rows = torch.cat([self.to_rows(cells) for cells, _ in grids])
             conditions = torch.cat([self.to_rows(condition) for _, condition in grids])
