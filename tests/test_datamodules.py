@@ -173,6 +173,14 @@ def test_folder_batches(folder_datamodule: NiftiFolder) -> None:
     assert sorted(seen) == list(range(len(folder_datamodule.test_data)))
 
 
+def test_cached_volume_holds_one_grey_channel(folder_datamodule: NiftiFolder) -> None:
+    dataset = folder_datamodule.train_data
+    first, again = dataset[0], dataset[0]
+    # Three channels seen, one stored: the cache keeps a single grey copy of the volume.
+    assert first.image.stride(1) == 0 and first.image.untyped_storage().nbytes() == first.image[:, 0].numel() * 4
+    assert first.image.data_ptr() == again.image.data_ptr() and first is not again
+
+
 def test_folder_brain_mask_file_is_used(folder_datamodule: NiftiFolder) -> None:
     dataset = folder_datamodule.train_data
     row = int(dataset.samples.index[dataset.samples["brain_mask_path"].notna()][0])

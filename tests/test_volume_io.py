@@ -8,9 +8,18 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
-from simpleslicenet.data.geometry import VolumeGeometry, crop_or_pad, crop_start_for, from_slices, to_slices
+from simpleslicenet.data.geometry import (
+    VolumeGeometry,
+    brain_bounding_box,
+    centred_start,
+    crop_or_pad,
+    from_slices,
+    to_slices,
+)
 from simpleslicenet.data.nifti import read_nifti, write_nifti
+from simpleslicenet.data.slices import slice_masks, slice_stack
 from simpleslicenet.data.volume import VolumePreprocessing, load_volume, scale_intensity
 
 SHAPE = (40, 48, 30)  # on-disk array shape (i, j, k)
@@ -98,8 +107,9 @@ def test_crop_or_pad_keeps_the_box_and_pads() -> None:
 def test_crop_start_centres_the_mask() -> None:
     mask = np.zeros((40, 40, 40), dtype=bool)
     mask[10:20, 5:35, 22:30] = True
-    start = crop_start_for(mask.shape, (16, 16, 16), mask)
-    assert start == (7, 12, 18)
+    assert centred_start(brain_bounding_box(mask), (16, 16, 16)) == (7, 12, 18)
+    # An empty mask's box is the whole array: the grid is centred on the array.
+    assert centred_start(brain_bounding_box(np.zeros((40, 30, 20), bool)), (16, 16, 16)) == (12, 7, 2)
 
 
 def test_whole_brain_crop_keeps_every_brain_slice(scans: dict, tmp_path: Path) -> None:
@@ -179,6 +189,18 @@ def test_unknown_intensity_mode_is_refused() -> None:
     image = head(SHAPE).astype(np.float32)
     with pytest.raises(ValueError, match="zscore"):
         scale_intensity(image, image > 0, mode="zscore")
+
+
+def test_slice_stack_is_the_axial_slices_in_three_equal_channels() -> None:
+    volume = np.random.default_rng(2).random((5, 7, 4)).astype(np.float32)
+    stack = slice_stack(volume)
+    assert stack.shape == (4, 3, 7, 5) and stack.dtype == torch.float32
+    assert stack.stride(1) == 0  # the three channels are one grey copy in memory
+    for channel in range(3):
+        np.testing.assert_array_equal(stack[:, channel].numpy(), volume.transpose(2, 1, 0))
+    mask = slice_masks(volume > 0.5)
+    assert mask.dtype == torch.bool
+    np.testing.assert_array_equal(mask.numpy(), volume.transpose(2, 1, 0) > 0.5)
 
 
 def test_to_slices_from_slices_inverse() -> None:

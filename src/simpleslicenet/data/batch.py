@@ -8,7 +8,8 @@ the geometry needed to write results back into the scan's own space.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from typing import TypeVar
 
 import torch
 from anomalib.data import ImageBatch, ImageItem
@@ -16,7 +17,9 @@ from torchvision.tv_tensors import Image, Mask
 
 from simpleslicenet.data.geometry import VolumeGeometry
 
-__all__ = ["VolumeBatch", "VolumeItem", "collate_volumes"]
+__all__ = ["VolumeBatch", "VolumeItem", "collate_volumes", "take_rows", "volume_rows"]
+
+BatchT = TypeVar("BatchT")
 
 
 @dataclass
@@ -66,34 +69,60 @@ class VolumeBatch(ImageBatch):
 
     def volumes(self) -> list[tuple[int, slice]]:
         """``(volume_index, rows)`` for each volume in the batch, in order of appearance."""
-        if self.volume_index is None:
-            return [(0, slice(0, self.batch_size))]
-        ids = self.volume_index.tolist()
-        out, start = [], 0
-        for row in range(1, len(ids) + 1):
-            if row == len(ids) or ids[row] != ids[start]:
-                out.append((ids[start], slice(start, row)))
-                start = row
-        return out
+        return volume_rows(self.volume_index, self.batch_size)
 
     def rows(self, rows: slice) -> VolumeBatch:
         """The batch of ``rows`` only (e.g. one volume of :meth:`volumes`), every per-row field cut alike."""
-        cut = {}
-        for f in fields(VolumeBatch):
-            value = getattr(self, f.name)
-            if value is None or not isinstance(value, torch.Tensor | list) or len(value) != self.batch_size:
-                cut[f.name] = value
-            elif isinstance(value, torch.Tensor):
-                part = value[rows].as_subclass(torch.Tensor)
-                cut[f.name] = Image(part) if f.name == "image" else Mask(part) if f.name == "gt_mask" else part
-            else:
-                cut[f.name] = value[rows]
-        return VolumeBatch(**cut)
+        return take_rows(self, rows)
 
     @classmethod
     def collate(cls, items: list) -> VolumeBatch:
         """Concatenate whole volumes (each already a :class:`VolumeBatch`) along the slice axis."""
         return collate_volumes(items)
+
+
+def volume_rows(volume_index: torch.Tensor | None, rows: int) -> list[tuple[int, slice]]:
+    """``(volume_index, rows)`` of each run of consecutive rows that share a volume index (a batch's volumes).
+
+    Args:
+        volume_index: ``[N]`` volume of each row; ``None``: all ``rows`` are one volume (index 0).
+        rows: Number of rows ``N``.
+
+    Raises:
+        ValueError: ``volume_index`` does not have one entry per row.
+    """
+    if volume_index is None:
+        return [(0, slice(0, rows))]
+    ids = torch.as_tensor(volume_index).reshape(-1).tolist()
+    if len(ids) != rows:
+        msg = f"volume_index has {len(ids)} entries for {rows} rows"
+        raise ValueError(msg)
+    runs, start = [], 0
+    for row in range(1, rows + 1):
+        if row == rows or ids[row] != ids[start]:
+            runs.append((int(ids[start]), slice(start, row)))
+            start = row
+    return runs
+
+
+def take_rows(batch: BatchT, rows: slice | torch.Tensor) -> BatchT:
+    """A new batch of the same class holding only ``rows`` of every per-row field (tensor or list).
+
+    Args:
+        batch: Any anomalib batch dataclass.
+        rows: A slice (its tensors stay views), or a boolean or index tensor over the rows.
+    """
+    if isinstance(rows, torch.Tensor):
+        rows = rows.nonzero().flatten().tolist() if rows.dtype == torch.bool else rows.tolist()
+    size = batch.batch_size
+    changes = {}
+    for field in fields(batch):
+        value = getattr(batch, field.name)
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size:
+            changes[field.name] = value[rows]
+        elif isinstance(value, list) and len(value) == size:
+            changes[field.name] = value[rows] if isinstance(rows, slice) else [value[i] for i in rows]
+    return replace(batch, **changes)
 
 
 def collate_volumes(volumes: list[VolumeBatch]) -> VolumeBatch:

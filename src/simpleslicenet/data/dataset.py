@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -11,14 +10,30 @@ from anomalib.data.datasets.base import AnomalibDataset
 from torchvision.tv_tensors import Image, Mask
 
 from simpleslicenet.data.batch import VolumeBatch, collate_volumes
-from simpleslicenet.data.geometry import to_slices
-from simpleslicenet.data.nifti import VolumeError
+from simpleslicenet.data.slices import slice_masks, slice_stack
 from simpleslicenet.data.volume import VolumePreprocessing, load_volume
 
-__all__ = ["VolumeDataset", "SAMPLE_COLUMNS"]
+__all__ = ["VolumeDataset", "SAMPLE_COLUMNS", "optional_path", "require_columns", "volume_to_batch"]
 
 # label_index: 0 healthy, 1 lesion. mask_path / brain_mask_path may be None.
 SAMPLE_COLUMNS = ["volume_id", "image_path", "mask_path", "brain_mask_path", "label_index", "split"]
+
+
+def require_columns(samples: pd.DataFrame, owner: str) -> None:
+    """Refuse a samples table without every one of :data:`SAMPLE_COLUMNS`.
+
+    Raises:
+        ValueError: Naming ``owner`` and the missing columns.
+    """
+    missing = [c for c in SAMPLE_COLUMNS if c not in samples.columns]
+    if missing:
+        msg = f"{owner} lacks columns {missing}"
+        raise ValueError(msg)
+
+
+def optional_path(value: object) -> str | None:
+    """A samples table's optional path: the string, or ``None`` for a missing or empty entry."""
+    return value if isinstance(value, str) and value else None
 
 
 class VolumeDataset(AnomalibDataset):
@@ -38,13 +53,8 @@ class VolumeDataset(AnomalibDataset):
         cache: bool = True,
     ) -> None:
         super().__init__()
-        missing = [c for c in SAMPLE_COLUMNS if c not in samples.columns]
-        if missing:
-            msg = f"samples table lacks columns {missing}"
-            raise ValueError(msg)
-        for path in samples["image_path"]:
-            if not Path(path).exists():
-                raise VolumeError(path, "file does not exist")
+        # The files themselves are validated once, when a datamodule is set up (check_samples).
+        require_columns(samples, "samples table")
         samples = samples.reset_index(drop=True).copy()
         # A stable volume index survives anomalib's re-sorting of samples (it sorts by image_path).
         samples["volume_index"] = range(len(samples))
@@ -69,13 +79,9 @@ class VolumeDataset(AnomalibDataset):
 
     def load(self, row: pd.Series) -> VolumeBatch:
         """Read one volume (a samples row) and lay it out as a batch of slices."""
-        is_lesion = int(row.label_index) == 1
+        mask_path = optional_path(row.mask_path)
         volume = load_volume(
-            row.image_path,
-            self.preprocessing,
-            mask_path=row.mask_path if isinstance(row.mask_path, str) and row.mask_path else None,
-            brain_mask_path=row.brain_mask_path if isinstance(row.brain_mask_path, str) else None,
-            require_mask=is_lesion,
+            row.image_path, self.preprocessing, mask_path=mask_path, brain_mask_path=optional_path(row.brain_mask_path)
         )
         return volume_to_batch(
             volume.image,
@@ -84,7 +90,7 @@ class VolumeDataset(AnomalibDataset):
             volume_index=int(row.volume_index),
             geometry=volume.geometry,
             image_path=str(row.image_path),
-            mask_path=str(row.mask_path) if isinstance(row.mask_path, str) else "",
+            mask_path=mask_path or "",
         )
 
     @property
@@ -102,16 +108,17 @@ def volume_to_batch(
     image_path: str = "",
     mask_path: str = "",
 ) -> VolumeBatch:
-    """Turn a canonical volume (and masks) into a :class:`VolumeBatch` of its axial slices."""
-    slices = torch.from_numpy(to_slices(image))  # [D, H, W]
-    depth = slices.shape[0]
-    lesion = (
-        torch.from_numpy(to_slices(lesion_mask)).bool() if lesion_mask is not None else torch.zeros_like(slices).bool()
-    )
-    brain = torch.from_numpy(to_slices(brain_mask)).bool() if brain_mask is not None else torch.ones_like(lesion)
+    """Turn a canonical volume (and masks) into a :class:`VolumeBatch` of its axial slices.
+
+    The image is :func:`~simpleslicenet.data.slices.slice_stack`: one grey channel in memory, seen as three.
+    """
+    image = slice_stack(image)
+    depth = image.shape[0]
+    lesion = slice_masks(lesion_mask) if lesion_mask is not None else torch.zeros(image[:, 0].shape, dtype=torch.bool)
+    brain = slice_masks(brain_mask) if brain_mask is not None else torch.ones_like(lesion)
     slice_label = lesion.flatten(1).any(dim=1).long()
     return VolumeBatch(
-        image=Image(slices.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()),
+        image=Image(image),
         gt_mask=Mask(lesion),
         gt_label=slice_label,
         image_path=[image_path] * depth,

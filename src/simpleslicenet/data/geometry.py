@@ -19,7 +19,7 @@ import numpy as np
 __all__ = [
     "VolumeGeometry",
     "brain_bounding_box",
-    "crop_start_for",
+    "centred_start",
     "crop_or_pad",
     "to_slices",
     "from_slices",
@@ -50,13 +50,10 @@ def brain_bounding_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.array(lo), np.array(hi)
 
 
-def crop_start_for(shape: tuple[int, ...], target: tuple[int, ...], mask: np.ndarray | None) -> tuple[int, ...]:
-    """Crop start per axis that centres the target box on the mask's bounding box (or the array)."""
-    if mask is not None and mask.any():
-        lo, hi = brain_bounding_box(mask)
-        centre = (lo + hi) / 2.0
-    else:
-        centre = np.array(shape) / 2.0
+def centred_start(box: tuple[np.ndarray, np.ndarray], target: tuple[int, ...]) -> tuple[int, ...]:
+    """Start per axis of a box of size ``target`` centred on ``box`` (``(lo, hi)`` of :func:`brain_bounding_box`)."""
+    lo, hi = box
+    centre = (np.asarray(lo) + np.asarray(hi)) / 2.0
     return tuple(int(np.floor(c - t / 2.0)) for c, t in zip(centre, target, strict=True))
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from simpleslicenet.data.geometry import VolumeGeometry, brain_bounding_box, crop_or_pad, crop_start_for
+from simpleslicenet.data.geometry import VolumeGeometry, brain_bounding_box, centred_start, crop_or_pad
 from simpleslicenet.data.nifti import VolumeError, check_voxel_count, read_mask, read_nifti
 from simpleslicenet.choices import check_choice
 from simpleslicenet.records import SettingsRecord
@@ -95,24 +95,27 @@ class VolumePreprocessing(SettingsRecord):
         check_choice("crop", self.crop, CROP_MODES)
         object.__setattr__(self, "first_slice", int(self.first_slice))
 
-    def grid_shape(self, brain: np.ndarray) -> tuple[int, int, int]:
-        """The model grid of a scan whose brain mask is ``brain``: ``target_shape``, or with
-        ``crop="whole_brain"`` its axial size replaced by the brain's extent."""
-        if self.crop != "whole_brain":
-            return self.target_shape
-        lo, hi = brain_bounding_box(brain)
-        return (*self.target_shape[:2], int(hi[2] - lo[2]))
+    def model_box(
+        self, shape: tuple[int, int, int], brain_box: tuple[np.ndarray, np.ndarray]
+    ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """Start and size of the model grid in a canonical array of ``shape`` whose brain spans ``brain_box``.
 
-    def crop_start(self, shape: tuple[int, int, int], brain: np.ndarray) -> tuple[int, int, int]:
-        """Where the model grid starts in a canonical array of ``shape`` (may be negative: padding)."""
-        if self.crop in ("brain", "whole_brain"):
-            return crop_start_for(shape, self.grid_shape(brain), brain)
-        x, y = ((n - t) // 2 for n, t in zip(shape[:2], self.target_shape[:2], strict=True))
-        return (x, y, self.first_slice)
+        The start may be negative (padding). ``crop="whole_brain"`` replaces the grid's axial size by the
+        brain's extent; ``crop="fixed"`` ignores the brain.
+        """
+        if self.crop == "fixed":
+            x, y = ((n - t) // 2 for n, t in zip(shape[:2], self.target_shape[:2], strict=True))
+            return (x, y, self.first_slice), self.target_shape
+        lo, hi = brain_box
+        grid = self.target_shape if self.crop == "brain" else (*self.target_shape[:2], int(hi[2] - lo[2]))
+        return centred_start(brain_box, grid), grid
 
 
 def _warn_if_cut_in_plane(
-    path: str | os.PathLike, brain: np.ndarray, start: tuple[int, ...], grid: tuple[int, int, int]
+    path: str | os.PathLike,
+    brain_box: tuple[np.ndarray, np.ndarray],
+    start: tuple[int, ...],
+    grid: tuple[int, int, int],
 ) -> None:
     """Warn when the model grid cuts the brain in-plane.
 
@@ -120,7 +123,7 @@ def _warn_if_cut_in_plane(
     y leaves brain unscored and gives the slices a straight tissue edge that no healthy training scan
     has, which scores as anomalous.
     """
-    lo, hi = brain_bounding_box(brain)
+    lo, hi = brain_box
     outside = [max(int(start[a]) - int(lo[a]), 0) + max(int(hi[a]) - int(start[a]) - grid[a], 0) for a in (0, 1)]
     if any(outside):
         warnings.warn(
@@ -202,7 +205,8 @@ def load_volume(
         preprocessing: The preparation to apply (default :class:`VolumePreprocessing()`).
         mask_path: Lesion mask (anything > 0 is lesion); ``None`` for a healthy scan.
         brain_mask_path: Brain mask file, used when ``preprocessing.brain_mask`` is ``"auto"``.
-        require_mask: Raise if ``mask_path`` is missing (lesion scans must have one).
+        require_mask: Raise if ``mask_path`` is missing or its mask empty (lesion scans must have one).
+            Datamodules check this for every file once, at setup (``check_samples``), and leave it off.
     """
     prep = preprocessing if preprocessing is not None else VolumePreprocessing()
     image, geometry = read_nifti(image_path, spacing_mm=prep.spacing_mm)
@@ -222,8 +226,9 @@ def load_volume(
     if prep.intensity != "minmax_crop":
         image = scale_intensity(image, brain, mode=prep.intensity)
     if prep.target_shape is not None:
-        start, grid = prep.crop_start(image.shape, brain), prep.grid_shape(brain)
-        _warn_if_cut_in_plane(image_path, brain, start, grid)
+        brain_box = brain_bounding_box(brain)
+        start, grid = prep.model_box(image.shape, brain_box)
+        _warn_if_cut_in_plane(image_path, brain_box, start, grid)
         image = crop_or_pad(image, start, grid)
         brain = crop_or_pad(brain, start, grid)
         lesion = crop_or_pad(lesion, start, grid) if lesion is not None else None

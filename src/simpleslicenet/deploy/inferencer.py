@@ -14,16 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simpleslicenet.data.geometry import VolumeGeometry, to_slices
+from simpleslicenet.data.geometry import VolumeGeometry
+from simpleslicenet.data.slices import slice_masks, slice_stack
 from simpleslicenet.data.volume import VolumePreprocessing, load_volume
-from simpleslicenet.deploy.loading import (
-    ModelFileError,
-    ModelMetadata,
-    ModelOutputError,
-    check_model_output,
-    load_checkpoint_model,
-    load_openvino,
-)
+from simpleslicenet.deploy.loading import ModelFileError, ModelOutputError, check_model_output, load_checkpoint_model
+from simpleslicenet.deploy.openvino import load_openvino
+from simpleslicenet.model_metadata import ModelMetadata
 from simpleslicenet.models.scoring import score_volumes
 
 __all__ = ["VolumeInferencer", "VolumePrediction", "ModelFileError", "ModelOutputError"]
@@ -120,8 +116,8 @@ class VolumeInferencer:
         self.backend = "torch"
 
     # -- running -------------------------------------------------------------------------------
-    def run_slices(self, images: np.ndarray) -> torch.Tensor:
-        """Raw anomaly map ``[D, h, w]`` of a slice stack ``[D, 3, H, W]`` in [0, 1].
+    def run_slices(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Raw anomaly map ``[D, h, w]`` of a slice stack ``[D, 3, H, W]`` in [0, 1] (see :func:`slice_stack`).
 
         Raises:
             ModelOutputError: The model gave no finite map per slice.
@@ -145,11 +141,9 @@ class VolumeInferencer:
             brain_mask_path: Its brain mask, used when the model was trained with brain-mask files.
         """
         volume = load_volume(scan_path, self.preprocessing, brain_mask_path=brain_mask_path)
-        # The slice stack of a datamodule's VolumeBatch (grey repeated to three channels), made without
-        # the batch class: deployment then never imports anomalib (seconds of start-up per process).
-        slices = to_slices(volume.image)
-        images = np.broadcast_to(slices[:, None], (slices.shape[0], 3, *slices.shape[1:]))
-        brain_slices = torch.from_numpy(to_slices(volume.brain_mask))
+        # The datamodules' slice stack, made without their batch class: deployment never imports anomalib.
+        images = slice_stack(volume.image)
+        brain_slices = slice_masks(volume.brain_mask)
         scores = score_volumes(self.run_slices(images), brain_slices, scoring=self.scoring)
         amap, brain = scores.anomaly_map.numpy(), brain_slices.numpy()
         return VolumePrediction(
@@ -160,5 +154,5 @@ class VolumeInferencer:
             volume_score=float(scores.volume_scores[0]),
             geometry=volume.geometry,
             brain_mask=brain,
-            model_image=slices,
+            model_image=images[:, 0].numpy(),
         )

@@ -13,17 +13,7 @@ from simpleslicenet.metrics.histogram import DEFAULT_NUM_BINS
 from simpleslicenet.metrics.lesion import LesionDetection, LesionFalseClusters
 from simpleslicenet.metrics.slice import SliceAUPRC, SliceAUROC
 from simpleslicenet.metrics.volume import VolumeAUPRC, VolumeAUROC
-from simpleslicenet.metrics.voxel import (
-    DiceThreshold,
-    PaperMeanDice,
-    PaperVoxelAUROC,
-    ValidationDiceThreshold,
-    VoxelAUPRC,
-    VoxelAUROC,
-    VoxelDiceAtThreshold,
-    VoxelMaxDice,
-    VoxelPerVolumeMean,
-)
+from simpleslicenet.metrics import voxel
 
 __all__ = ["default_volume_evaluator", "volume_test_metrics"]
 
@@ -33,7 +23,7 @@ def volume_test_metrics(
     num_bins: int = DEFAULT_NUM_BINS,
     per_volume: bool = False,
     paper_protocol: bool = False,
-    val_threshold: ValidationDiceThreshold | DiceThreshold | float | None = None,
+    val_threshold: voxel.ValidationDiceThreshold | voxel.DiceThreshold | float | None = None,
 ) -> list[AnomalibMetric]:
     """The standard test metrics for volumes.
 
@@ -50,15 +40,15 @@ def volume_test_metrics(
         paper_protocol: Add ``paper_voxel_AUROC`` and ``paper_meanDice`` (the original, optimistic protocol).
         val_threshold: Add ``voxel_valDice`` at this threshold (usually a :class:`ValidationDiceThreshold`).
     """
-    voxel = {"prefix": prefix, "strict": False}  # maps are absent for classification-only models
+    loose = {"prefix": prefix, "strict": False}  # maps are absent for classification-only models
     metrics: list[AnomalibMetric] = [
-        VoxelAUROC(num_bins=num_bins, **voxel),
-        VoxelAUPRC(num_bins=num_bins, **voxel),
-        VoxelMaxDice(num_bins=num_bins, **voxel),
+        voxel.VoxelAUROC(num_bins=num_bins, **loose),
+        voxel.VoxelAUPRC(num_bins=num_bins, **loose),
+        voxel.VoxelMaxDice(num_bins=num_bins, **loose),
     ]
     if val_threshold is not None:
-        metrics.append(VoxelDiceAtThreshold(threshold=val_threshold, **voxel))
-        metrics += [LesionDetection(threshold=val_threshold, **voxel), LesionFalseClusters(threshold=val_threshold, **voxel)]
+        metrics.append(voxel.VoxelDiceAtThreshold(threshold=val_threshold, **loose))
+        metrics += [LesionDetection(threshold=val_threshold, **loose), LesionFalseClusters(threshold=val_threshold, **loose)]
     metrics += [
         SliceAUROC(prefix=prefix),
         SliceAUPRC(prefix=prefix),
@@ -66,11 +56,11 @@ def volume_test_metrics(
         VolumeAUPRC(prefix=prefix),
     ]
     if per_volume:
-        metrics += [VoxelPerVolumeMean("auroc", **voxel), VoxelPerVolumeMean("auprc", **voxel)]
+        metrics += [voxel.VoxelPerVolumeMean("auroc", **loose), voxel.VoxelPerVolumeMean("auprc", **loose)]
         if val_threshold is not None:
-            metrics.append(VoxelPerVolumeMean("dice_at_threshold", threshold=val_threshold, **voxel))
+            metrics.append(voxel.VoxelPerVolumeMean("dice_at_threshold", threshold=val_threshold, **loose))
     if paper_protocol:
-        metrics += [PaperVoxelAUROC(num_bins=num_bins, **voxel), PaperMeanDice(**voxel)]
+        metrics += [voxel.PaperVoxelAUROC(num_bins=num_bins, **loose), voxel.PaperMeanDice(**loose)]
     return metrics
 
 
@@ -94,7 +84,7 @@ def default_volume_evaluator(
     val_metrics: list[AnomalibMetric] = [SliceAUROC(prefix="val_")]
     threshold = None
     if val_threshold:
-        threshold = ValidationDiceThreshold(num_bins=num_bins, strict=False)
+        threshold = voxel.ValidationDiceThreshold(num_bins=num_bins, strict=False)
         val_metrics.append(threshold)
     test_metrics = volume_test_metrics(
         num_bins=num_bins,

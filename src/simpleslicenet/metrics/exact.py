@@ -57,11 +57,16 @@ def exact_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def _descending_operating_points(
+def _operating_points(
     scores: torch.Tensor,
     labels: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Distinct thresholds (descending) with true and false positives of ``score >= threshold``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+    """Distinct thresholds (descending), true and false positives of ``score >= threshold``, and the
+    number of positives; ``None`` without positives."""
+    scores, labels = _flat(scores, labels)
+    n_pos = int(labels.sum())
+    if n_pos == 0:
+        return None
     sorted_scores, order = torch.sort(scores, descending=True)
     sorted_labels = labels[order].double()
     true_pos = sorted_labels.cumsum(0)
@@ -69,41 +74,40 @@ def _descending_operating_points(
     # Keep the last position of each run of equal scores: a threshold takes all ties together.
     last_of_run = torch.ones_like(sorted_scores, dtype=torch.bool)
     last_of_run[:-1] = sorted_scores[1:] != sorted_scores[:-1]
-    return sorted_scores[last_of_run], true_pos[last_of_run], false_pos[last_of_run]
+    return sorted_scores[last_of_run], true_pos[last_of_run], false_pos[last_of_run], n_pos
 
 
 def exact_average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """Average precision ``sum_k (R_k - R_{k-1}) P_k`` over distinct thresholds; NaN without positives."""
-    scores, labels = _flat(scores, labels)
-    n_pos = int(labels.sum())
-    if n_pos == 0:
+    points = _operating_points(scores, labels)
+    if points is None:
         return float("nan")
-    _, true_pos, false_pos = _descending_operating_points(scores, labels)
+    _, true_pos, false_pos, n_pos = points
     precision = true_pos / (true_pos + false_pos)
     recall = true_pos / n_pos
     recall_step = torch.diff(recall, prepend=recall.new_zeros(1))
     return float((recall_step * precision).sum())
 
 
+def _dice_curve(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Distinct thresholds (descending) and the Dice of ``score >= threshold``; ``None`` without positives."""
+    points = _operating_points(scores, labels)
+    if points is None:
+        return None
+    thresholds, true_pos, false_pos, n_pos = points
+    return thresholds, 2 * true_pos / (true_pos + false_pos + n_pos)
+
+
 def exact_max_dice(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """Best Dice over every threshold ``score >= t``; NaN without positives."""
-    scores, labels = _flat(scores, labels)
-    n_pos = int(labels.sum())
-    if n_pos == 0:
-        return float("nan")
-    _, true_pos, false_pos = _descending_operating_points(scores, labels)
-    return float((2 * true_pos / (true_pos + false_pos + n_pos)).max())
+    curve = _dice_curve(scores, labels)
+    return float("nan") if curve is None else float(curve[1].max())
 
 
 def exact_threshold_for_max_dice(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """Score ``t`` such that predicting ``score >= t`` gives :func:`exact_max_dice`; NaN without positives."""
-    scores, labels = _flat(scores, labels)
-    n_pos = int(labels.sum())
-    if n_pos == 0:
-        return float("nan")
-    thresholds, true_pos, false_pos = _descending_operating_points(scores, labels)
-    dice = 2 * true_pos / (true_pos + false_pos + n_pos)
-    return float(thresholds[int(torch.argmax(dice))])
+    curve = _dice_curve(scores, labels)
+    return float("nan") if curve is None else float(curve[0][int(torch.argmax(curve[1]))])
 
 
 def dice_at_threshold(scores: torch.Tensor, labels: torch.Tensor, threshold: float) -> float:

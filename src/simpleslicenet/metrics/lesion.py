@@ -17,22 +17,19 @@ import math
 
 import torch
 from anomalib.metrics import AnomalibMetric
-from torchmetrics import Metric
 
 from simpleslicenet.clusters import count_lesions, lesion_components
+from simpleslicenet.data.batch import volume_rows
 from simpleslicenet.metrics.named import NamedMetric
-from simpleslicenet.metrics.voxel import DiceThreshold, ValidationDiceThreshold, shared_threshold
+from simpleslicenet.metrics.voxel import DiceThreshold, ValidationDiceThreshold, AtThreshold
 
 __all__ = ["LESION_FIELDS", "LesionDetection", "LesionFalseClusters", "lesion_components"]
 
 LESION_FIELDS = ("anomaly_map", "gt_mask", "brain_mask", "volume_index", "geometry")
 
 
-class _LesionWise(Metric):
+class _LesionWise(AtThreshold):
     """Counts of detected lesions and false clusters at a (validation) threshold."""
-
-    full_state_update = False
-    is_differentiable = False
 
     def __init__(
         self,
@@ -40,17 +37,16 @@ class _LesionWise(Metric):
         min_lesion_ml: float = 1.0,
         **kwargs,
     ) -> None:
-        super().__init__(**kwargs)
-        # A plain attribute, not a submodule: the validation metric must not be registered twice.
-        self._threshold = shared_threshold(threshold)
+        super().__init__(threshold, **kwargs)
         self.min_lesion_ml = float(min_lesion_ml)
         for name in ("lesions", "detected", "healthy_volumes", "healthy_false_clusters"):
             self.add_state(name, default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
-    @property
-    def threshold(self) -> float:
-        """The threshold in use (NaN until the validation split has chosen one)."""
-        return self._threshold.value
+    def _share(self, part: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+        """``part / whole``; NaN before a threshold is chosen or when ``whole`` is zero."""
+        if math.isnan(self.threshold) or whole == 0:
+            return torch.tensor(float("nan"), dtype=torch.float64)
+        return part.double() / whole.double()
 
     def update(
         self,
@@ -64,14 +60,12 @@ class _LesionWise(Metric):
         if math.isnan(self.threshold):
             return
         maps = anomaly_map.reshape(gt_mask.shape).detach().cpu()
-        ids = volume_index.detach().cpu()
-        for index in ids.unique().tolist():
-            rows = (ids == index).nonzero().flatten()
+        for _, rows in volume_rows(volume_index, gt_mask.shape[0]):
             brain = brain_mask[rows].detach().cpu().numpy().astype(bool)
             flagged = (maps[rows].numpy() >= self.threshold) & brain
             lesion = gt_mask[rows].detach().cpu().numpy().astype(bool) & brain
             # Without a geometry the sizes are unknown: no lesion is counted, false clusters still are.
-            where = geometry[int(rows[0])] if geometry is not None else None
+            where = geometry[rows.start] if geometry is not None else None
             voxel_ml = where.voxel_ml if where is not None else math.nan
             lesions, found, false_clusters = count_lesions(flagged, lesion, voxel_ml, self.min_lesion_ml)
             self.lesions += lesions
@@ -95,9 +89,7 @@ class LesionDetection(NamedMetric, AnomalibMetric, _LesionWise):
     higher_is_better = True
 
     def compute(self) -> torch.Tensor:
-        if math.isnan(self.threshold) or self.lesions == 0:
-            return torch.tensor(float("nan"), dtype=torch.float64)
-        return self.detected.double() / self.lesions.double()
+        return self._share(self.detected, self.lesions)
 
 
 class LesionFalseClusters(NamedMetric, AnomalibMetric, _LesionWise):
@@ -108,6 +100,4 @@ class LesionFalseClusters(NamedMetric, AnomalibMetric, _LesionWise):
     higher_is_better = False
 
     def compute(self) -> torch.Tensor:
-        if math.isnan(self.threshold) or self.healthy_volumes == 0:
-            return torch.tensor(float("nan"), dtype=torch.float64)
-        return self.healthy_false_clusters.double() / self.healthy_volumes.double()
+        return self._share(self.healthy_false_clusters, self.healthy_volumes)

@@ -4,35 +4,23 @@ from __future__ import annotations
 
 import torch
 from anomalib.metrics import AnomalibMetric
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
 
-from simpleslicenet.metrics.exact import exact_statistic
-from simpleslicenet.metrics.named import NamedMetric, no_entries
+from simpleslicenet.metrics.named import ExactScores, NamedMetric
 from simpleslicenet.metrics.volumetric import _plain
 
 __all__ = ["SliceAUPRC", "SliceAUROC"]
 
+SLICE_FIELDS = ("pred_score", "gt_label", "brain_mask")
 
-class _SliceScores(Metric):
+
+class _SliceScores(ExactScores):
     """Exact slice-level AUROC/AUPRC of ``pred_score`` vs ``gt_label``.
 
     Slices without any brain voxel are left out when ``brain_mask`` is given: they are trivially
     normal and would only inflate the result.
-
-    Args:
-        statistic: ``"auroc"`` or ``"auprc"``.
     """
 
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = True
-
-    def __init__(self, statistic: str = "auroc", **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.statistic = statistic
-        self.add_state("scores", default=[], dist_reduce_fx="cat")
-        self.add_state("labels", default=[], dist_reduce_fx="cat")
+    default_fields = SLICE_FIELDS
 
     def update(self, pred_score: torch.Tensor, gt_label: torch.Tensor, brain_mask: torch.Tensor | None = None) -> None:
         """Keep the score and label of every (brain) slice."""
@@ -43,27 +31,16 @@ class _SliceScores(Metric):
         self.scores.append(scores)
         self.labels.append(labels)
 
-    def compute(self) -> torch.Tensor:
-        if no_entries(self.scores):
-            return torch.tensor(float("nan"), dtype=torch.float64)
-        return exact_statistic(self.statistic, dim_zero_cat(self.scores), dim_zero_cat(self.labels))
-
 
 class SliceAUROC(NamedMetric, AnomalibMetric, _SliceScores):
     """Slice AUROC of ``pred_score`` vs ``gt_label`` over slices holding brain (``slice_AUROC``)."""
 
-    default_fields = ("pred_score", "gt_label", "brain_mask")
     metric_name = "slice_AUROC"
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(statistic="auroc", **kwargs)
+    statistic = "auroc"
 
 
 class SliceAUPRC(NamedMetric, AnomalibMetric, _SliceScores):
     """Slice average precision (``slice_AUPRC``)."""
 
-    default_fields = ("pred_score", "gt_label", "brain_mask")
     metric_name = "slice_AUPRC"
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(statistic="auprc", **kwargs)
+    statistic = "auprc"

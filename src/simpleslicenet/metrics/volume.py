@@ -4,33 +4,24 @@ from __future__ import annotations
 
 import torch
 from anomalib.metrics import AnomalibMetric
-from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from simpleslicenet.metrics.exact import exact_statistic
-from simpleslicenet.metrics.named import NamedMetric, no_entries
+from simpleslicenet.metrics.named import ExactScores, NamedMetric
 from simpleslicenet.metrics.volumetric import volume_entries
 
 __all__ = ["VolumeAUPRC", "VolumeAUROC"]
 
+VOLUME_FIELDS = ("volume_score", "volume_label", "volume_index")
 
-class _VolumeScores(Metric):
-    """Exact volume-level AUROC/AUPRC: one ``(volume_score, volume_label)`` per volume, grouped by ``volume_index``.
 
-    Args:
-        statistic: ``"auroc"`` or ``"auprc"``.
-    """
+class _VolumeScores(ExactScores):
+    """Exact volume-level AUROC/AUPRC: one ``(volume_score, volume_label)`` per volume, grouped by ``volume_index``."""
 
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = True
+    default_fields = VOLUME_FIELDS
 
-    def __init__(self, statistic: str = "auroc", **kwargs) -> None:
+    def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.statistic = statistic
         self.add_state("volume_ids", default=[], dist_reduce_fx="cat")
-        self.add_state("scores", default=[], dist_reduce_fx="cat")
-        self.add_state("labels", default=[], dist_reduce_fx="cat")
 
     def update(
         self,
@@ -55,11 +46,10 @@ class _VolumeScores(Metric):
                 raise ValueError(msg)
         return unique_ids, scores[first], labels[first]
 
-    def compute(self) -> torch.Tensor:
-        if no_entries(self.scores):
-            return torch.tensor(float("nan"), dtype=torch.float64)
+    def scored(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One score and label per volume."""
         _, scores, labels = self.entries()
-        return exact_statistic(self.statistic, scores, labels)
+        return scores, labels
 
 
 def _first_occurrence(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,18 +64,12 @@ def _first_occurrence(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class VolumeAUROC(NamedMetric, AnomalibMetric, _VolumeScores):
     """Volume AUROC of ``volume_score`` vs ``volume_label``, one entry per volume (``volume_AUROC``)."""
 
-    default_fields = ("volume_score", "volume_label", "volume_index")
     metric_name = "volume_AUROC"
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(statistic="auroc", **kwargs)
+    statistic = "auroc"
 
 
 class VolumeAUPRC(NamedMetric, AnomalibMetric, _VolumeScores):
     """Volume average precision, one entry per volume (``volume_AUPRC``)."""
 
-    default_fields = ("volume_score", "volume_label", "volume_index")
     metric_name = "volume_AUPRC"
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(statistic="auprc", **kwargs)
+    statistic = "auprc"

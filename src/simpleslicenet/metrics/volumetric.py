@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from simpleslicenet.data.batch import volume_rows
 from simpleslicenet.metrics.exact import dice_at_threshold
 from simpleslicenet.metrics.histogram import (
     ScoreHistogram,
@@ -50,22 +51,6 @@ class VolumeVoxels:
         return bool(self.labels.any())
 
 
-def _runs(volume_index: torch.Tensor | None, rows: int) -> list[tuple[int, slice]]:
-    """Consecutive rows that share a volume index (the layout of a VolumeBatch)."""
-    if volume_index is None:
-        return [(0, slice(0, rows))]
-    ids = _plain(volume_index).reshape(-1).tolist()
-    if len(ids) != rows:
-        msg = f"volume_index has {len(ids)} entries for {rows} rows"
-        raise ValueError(msg)
-    runs, start = [], 0
-    for row in range(1, rows + 1):
-        if row == rows or ids[row] != ids[start]:
-            runs.append((int(ids[start]), slice(start, row)))
-            start = row
-    return runs
-
-
 def iter_volume_voxels(
     anomaly_map: torch.Tensor,
     gt_mask: torch.Tensor,
@@ -99,7 +84,7 @@ def iter_volume_voxels(
     else:
         brain = None
     out = []
-    for index, rows_of_volume in _runs(volume_index, rows):
+    for index, rows_of_volume in volume_rows(volume_index, rows):
         volume_scores, volume_labels = scores[rows_of_volume], labels[rows_of_volume]
         if brain is not None:
             inside = brain[rows_of_volume]
@@ -168,7 +153,7 @@ def volume_entries(
     scores = _plain(scores).reshape(-1)
     labels = _plain(labels).reshape(-1)
     ids, values, targets = [], [], []
-    for index, rows in _runs(volume_index, scores.numel()):
+    for index, rows in volume_rows(volume_index, scores.numel()):
         score, label = scores[rows], labels[rows]
         if not (torch.all(score == score[0]) and torch.all(label == label[0])):
             msg = f"rows of volume {index} disagree on volume_score or volume_label"

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from anomalib.metrics import AnomalibMetric
-from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 
@@ -28,15 +27,17 @@ from simpleslicenet.metrics.histogram import (
     max_dice_from_counts,
     threshold_for_max_dice,
 )
-from simpleslicenet.metrics.named import NamedMetric, no_entries
+from simpleslicenet.metrics.named import EpochMetric, NamedMetric, no_entries
 from simpleslicenet.metrics.volumetric import (
     PER_VOLUME_STATISTICS,
+    VolumeVoxels,
     iter_volume_voxels,
     minmax_scale,
     per_volume_statistic,
 )
 
 __all__ = [
+    "AtThreshold",
     "DiceThreshold",
     "PaperMeanDice",
     "PaperVoxelAUROC",
@@ -64,17 +65,31 @@ class DiceThreshold:
     value: float = float("nan")
 
 
-class _VoxelHistogram(Metric):
+class _BrainVoxels(EpochMetric):
+    """A metric fed the brain voxels of each volume of a batch (:func:`iter_volume_voxels`)."""
+
+    def update(
+        self,
+        anomaly_map: torch.Tensor,
+        gt_mask: torch.Tensor,
+        brain_mask: torch.Tensor | None = None,
+        volume_index: torch.Tensor | None = None,
+    ) -> None:
+        """Hand the brain voxels of every volume in the batch to :meth:`update_volumes`."""
+        self.update_volumes(iter_volume_voxels(anomaly_map, gt_mask, brain_mask, volume_index))
+
+    def update_volumes(self, volumes: list[VolumeVoxels]) -> None:
+        """Take in the brain voxels of each volume of one batch."""
+        raise NotImplementedError
+
+
+class _VoxelHistogram(_BrainVoxels):
     """Histogram of brain-voxel scores of lesion and normal voxels over every volume seen.
 
     Args:
         num_bins: Bins of the adaptive histogram (see :mod:`simpleslicenet.metrics.histogram`).
         minmax_per_volume: Scale each volume's scores to ``[0, 1]`` first (the paper's protocol).
     """
-
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = True
 
     def __init__(self, num_bins: int = DEFAULT_NUM_BINS, minmax_per_volume: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -93,16 +108,10 @@ class _VoxelHistogram(Metric):
         self.positives, self.negatives = hist.positives, hist.negatives
         self.grid = hist.grid_tensor().to(self.grid.device)
 
-    def update(
-        self,
-        anomaly_map: torch.Tensor,
-        gt_mask: torch.Tensor,
-        brain_mask: torch.Tensor | None = None,
-        volume_index: torch.Tensor | None = None,
-    ) -> None:
+    def update_volumes(self, volumes: list[VolumeVoxels]) -> None:
         """Count the brain voxels of every volume in the batch."""
         hist = self.histogram()
-        for voxels in iter_volume_voxels(anomaly_map, gt_mask, brain_mask, volume_index):
+        for voxels in volumes:
             if voxels.scores.numel() == 0:
                 continue
             scores = minmax_scale(voxels.scores) if self.minmax_per_volume else voxels.scores
@@ -161,38 +170,39 @@ def shared_threshold(threshold: float | DiceThreshold | _ValidationDiceThreshold
     return threshold if isinstance(threshold, DiceThreshold) else DiceThreshold(float(threshold))
 
 
-class _VoxelDiceAtThreshold(Metric):
-    """Exact Dice of ``score >= threshold`` over all brain voxels (streaming TP/FP/FN counts)."""
+class AtThreshold(EpochMetric):
+    """A metric of the prediction ``score >= threshold``, at a threshold shared with validation.
 
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = True
+    Args:
+        threshold: A number, a :class:`DiceThreshold` or the validation metric whose result to use.
+    """
 
     def __init__(self, threshold: float | DiceThreshold | _ValidationDiceThreshold, **kwargs) -> None:
         super().__init__(**kwargs)
         # A plain attribute, not a submodule: the validation metric must not be registered twice.
         self._threshold = shared_threshold(threshold)
-        self.add_state("true_pos", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("false_pos", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("false_neg", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     @property
     def threshold(self) -> float:
         """The threshold in use (NaN until the validation split has chosen one)."""
         return self._threshold.value
 
-    def update(
-        self,
-        anomaly_map: torch.Tensor,
-        gt_mask: torch.Tensor,
-        brain_mask: torch.Tensor | None = None,
-        volume_index: torch.Tensor | None = None,
-    ) -> None:
+
+class _VoxelDiceAtThreshold(AtThreshold, _BrainVoxels):
+    """Exact Dice of ``score >= threshold`` over all brain voxels (streaming TP/FP/FN counts)."""
+
+    def __init__(self, threshold: float | DiceThreshold | _ValidationDiceThreshold, **kwargs) -> None:
+        super().__init__(threshold, **kwargs)
+        self.add_state("true_pos", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("false_pos", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("false_neg", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update_volumes(self, volumes: list[VolumeVoxels]) -> None:
         """Count TP/FP/FN at the current threshold."""
         threshold = self.threshold
         if math.isnan(threshold):
             return  # nothing to count against; compute() reports NaN
-        for voxels in iter_volume_voxels(anomaly_map, gt_mask, brain_mask, volume_index):
+        for voxels in volumes:
             predicted = voxels.scores >= threshold
             labels = voxels.labels
             self.true_pos += (predicted & labels).sum().to(self.true_pos.device)
@@ -208,7 +218,7 @@ class _VoxelDiceAtThreshold(Metric):
         return 2 * self.true_pos.double() / denominator.double()
 
 
-class _VoxelPerVolumeMean(Metric):
+class _VoxelPerVolumeMean(_BrainVoxels):
     """Mean over lesion volumes of a per-volume voxel statistic.
 
     Args:
@@ -216,10 +226,6 @@ class _VoxelPerVolumeMean(Metric):
         threshold: Needed by ``"dice_at_threshold"``: a number or a shared :class:`DiceThreshold`.
         num_bins: Bins of each per-volume histogram.
     """
-
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = True
 
     def __init__(
         self,
@@ -241,16 +247,10 @@ class _VoxelPerVolumeMean(Metric):
         self.add_state("volume_ids", default=[], dist_reduce_fx="cat")
         self.add_state("values", default=[], dist_reduce_fx="cat")
 
-    def update(
-        self,
-        anomaly_map: torch.Tensor,
-        gt_mask: torch.Tensor,
-        brain_mask: torch.Tensor | None = None,
-        volume_index: torch.Tensor | None = None,
-    ) -> None:
+    def update_volumes(self, volumes: list[VolumeVoxels]) -> None:
         """Compute the statistic of every volume in the batch (a volume must arrive whole)."""
         threshold = self._threshold.value if self._threshold is not None else None
-        for voxels in iter_volume_voxels(anomaly_map, gt_mask, brain_mask, volume_index):
+        for voxels in volumes:
             value = per_volume_statistic(voxels, self.statistic, threshold=threshold, num_bins=self.num_bins)
             self.volume_ids.append(torch.tensor([voxels.volume_index], dtype=torch.long))
             self.values.append(torch.tensor([value], dtype=torch.float64))
@@ -357,9 +357,7 @@ class PaperVoxelAUROC(NamedMetric, AnomalibMetric, _VoxelAUROC):
 
     default_fields = VOXEL_FIELDS
     metric_name = "paper_voxel_AUROC"
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(minmax_per_volume=True, **kwargs)
+    fixed = {"minmax_per_volume": True}
 
 
 class PaperMeanDice(NamedMetric, AnomalibMetric, _VoxelPerVolumeMean):
@@ -371,6 +369,4 @@ class PaperMeanDice(NamedMetric, AnomalibMetric, _VoxelPerVolumeMean):
 
     default_fields = VOXEL_FIELDS
     metric_name = "paper_meanDice"
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(statistic="max_dice", **kwargs)
+    fixed = {"statistic": "max_dice"}

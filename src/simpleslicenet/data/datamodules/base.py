@@ -13,7 +13,7 @@ import pandas as pd
 from anomalib.data import AnomalibDataModule
 from torch.utils.data import DataLoader
 
-from simpleslicenet.data.dataset import SAMPLE_COLUMNS, VolumeDataset
+from simpleslicenet.data.dataset import VolumeDataset, optional_path, require_columns
 from simpleslicenet.data.nifti import (
     VolumeError,
     check_same_grid,
@@ -24,12 +24,21 @@ from simpleslicenet.data.nifti import (
 from simpleslicenet.data.volume import VolumePreprocessing
 from simpleslicenet.random_state import capture_random_state, restore_random_state
 
-__all__ = ["VolumeDataModule", "MODALITIES", "DatasetError", "check_samples"]
+__all__ = ["VolumeDataModule", "MODALITIES", "DatasetError", "check_modality", "check_samples"]
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 
 # Masks whose affine differs from their scan's by more than this (in mm) are refused.
 MASK_AFFINE_TOLERANCE = 1e-3
+
+
+def check_modality(modality: str, allowed: tuple[str, ...], dataset: str) -> str:
+    """Lower-cased modality, or a ValueError listing the allowed ones."""
+    name = str(modality).lower()
+    if name not in allowed:
+        msg = f"unknown {dataset} modality {modality!r}: choose one of {', '.join(allowed)}"
+        raise ValueError(msg)
+    return name
 
 
 class DatasetError(VolumeError):
@@ -42,10 +51,6 @@ class DatasetError(VolumeError):
         super().__init__(root, f"{count} bad file{'s' if count != 1 else ''} in the dataset:\n{listing}")
 
 
-def _optional_path(value: object) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
 def _check_masks(row: pd.Series, preprocessing: VolumePreprocessing) -> list[VolumeError]:
     """Problems of one sample's scan header and masks (shape, affine, readability, emptiness)."""
     image_path, is_lesion = str(row.image_path), int(row.label_index) == 1
@@ -55,8 +60,8 @@ def _check_masks(row: pd.Series, preprocessing: VolumePreprocessing) -> list[Vol
         reference, problems = None, [error]
     else:
         problems = []
-    mask_path = _optional_path(row.mask_path)
-    brain_path = _optional_path(row.brain_mask_path) if preprocessing.brain_mask == "auto" else None
+    mask_path = optional_path(row.mask_path)
+    brain_path = optional_path(row.brain_mask_path) if preprocessing.brain_mask == "auto" else None
     if is_lesion and mask_path is None:
         problems.append(VolumeError(image_path, "lesion scan has no lesion mask"))
     for path, what, must_hold_voxels in ((mask_path, "lesion mask", is_lesion), (brain_path, "brain mask", True)):
@@ -144,6 +149,9 @@ class VolumeDataModule(AnomalibDataModule):
         seed: Seed of the split.
     """
 
+    # The modalities the dataset has (``None``: any); a datamodule refuses others at construction.
+    MODALITIES: tuple[str, ...] | None = None
+
     def __init__(
         self,
         root: str | Path,
@@ -162,6 +170,8 @@ class VolumeDataModule(AnomalibDataModule):
         cache: bool = True,
         seed: int = 0,
     ) -> None:
+        if self.MODALITIES is not None:
+            modality = check_modality(modality, self.MODALITIES, type(self).__name__)
         super().__init__(
             train_batch_size=train_batch_size,
             eval_batch_size=eval_batch_size,
@@ -181,6 +191,7 @@ class VolumeDataModule(AnomalibDataModule):
             crop=crop,
             first_slice=first_slice,
         )
+        self.modality = self.preprocessing.modality
         self.val_fraction = val_fraction
         if not 0.0 <= calibration_fraction < 1.0:
             msg = f"calibration_fraction must lie in [0, 1), got {calibration_fraction}"
@@ -207,10 +218,7 @@ class VolumeDataModule(AnomalibDataModule):
     def split_samples(self) -> pd.DataFrame:
         """Samples with the final ``split`` column (validation carved out of test if needed)."""
         samples = self.make_samples()
-        missing = [c for c in SAMPLE_COLUMNS if c not in samples.columns]
-        if missing:
-            msg = f"{type(self).__name__}.make_samples() lacks columns {missing}"
-            raise ValueError(msg)
+        require_columns(samples, f"{type(self).__name__}.make_samples()")
         if (samples["split"] == "train").any() and (samples.loc[samples["split"] == "train", "label_index"] != 0).any():
             msg = f"{self.root}: training split holds lesion volumes; training must be on healthy scans only"
             raise ValueError(msg)

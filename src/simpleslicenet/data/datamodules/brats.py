@@ -20,24 +20,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from simpleslicenet.data.datamodules.base import MODALITIES, VolumeDataModule
+from simpleslicenet.data.datamodules.base import MODALITIES, VolumeDataModule, check_modality
 from simpleslicenet.data.datamodules.folder import scans_to_samples
 from simpleslicenet.data.scans import companion_file, list_scans, nifti_stem
 from simpleslicenet.data.dataset import SAMPLE_COLUMNS
 from simpleslicenet.data.nifti import VolumeError
 
-__all__ = ["BraTS2021", "BRATS_MODALITIES", "check_modality", "list_brats", "list_healthy", "hold_out_healthy"]
+__all__ = ["BraTS2021", "BRATS_MODALITIES", "list_brats", "list_healthy", "hold_out_healthy"]
 
 BRATS_MODALITIES = MODALITIES
-
-
-def check_modality(modality: str, allowed: tuple[str, ...], dataset: str) -> str:
-    """Lower-cased modality, or a ValueError listing the allowed ones."""
-    name = str(modality).lower()
-    if name not in allowed:
-        msg = f"unknown {dataset} modality {modality!r}: choose one of {', '.join(allowed)}"
-        raise ValueError(msg)
-    return name
 
 
 def list_brats(root: str | Path, modality: str = "t2", split: str = "test") -> pd.DataFrame:
@@ -158,6 +149,8 @@ class BraTS2021(VolumeDataModule):
         ValueError: Unknown modality (raised at construction).
     """
 
+    MODALITIES = BRATS_MODALITIES
+
     def __init__(
         self,
         root: str | Path = "./datasets/BraTS2021",
@@ -166,12 +159,7 @@ class BraTS2021(VolumeDataModule):
         healthy_test_fraction: float = 0.0,
         **kwargs,
     ) -> None:
-        super().__init__(
-            root=root,
-            modality=modality,
-            **kwargs,
-        )
-        self.modality = check_modality(modality, BRATS_MODALITIES, "BraTS")
+        super().__init__(root=root, modality=modality, **kwargs)
         self.healthy_root = Path(healthy_root) if healthy_root is not None else None
         self.healthy_test_fraction = healthy_test_fraction
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 from simpleslicenet.data.datamodules.base import VolumeDataModule
-from simpleslicenet.data.datamodules.brats import check_modality, hold_out_healthy, list_brats
+from simpleslicenet.data.datamodules.base import check_modality
+from simpleslicenet.data.datamodules.brats import hold_out_healthy, list_brats
 from simpleslicenet.data.datamodules.folder import scans_to_samples
 from simpleslicenet.data.scans import list_scans
 from simpleslicenet.data.nifti import VolumeError
@@ -77,6 +78,8 @@ class IXI(VolumeDataModule):
         ValueError: Unknown modality (raised at construction).
     """
 
+    MODALITIES = IXI_MODALITIES
+
     def __init__(
         self,
         root: str | Path = "./datasets/IXI",
@@ -84,12 +87,7 @@ class IXI(VolumeDataModule):
         test_fraction: float = 0.2,
         **kwargs,
     ) -> None:
-        super().__init__(
-            root=root,
-            modality=modality,
-            **kwargs,
-        )
-        self.modality = check_modality(modality, IXI_MODALITIES, "IXI")
+        super().__init__(root=root, modality=modality, **kwargs)
         self.test_fraction = test_fraction
 
     def make_samples(self) -> pd.DataFrame:
@@ -126,12 +124,7 @@ class IXIBraTS(VolumeDataModule):
         healthy_test_fraction: float = 0.0,
         **kwargs,
     ) -> None:
-        super().__init__(
-            root=brats_root,
-            modality=modality,
-            **kwargs,
-        )
-        self.modality = check_modality(modality, self.MODALITIES, "IXI+BraTS")
+        super().__init__(root=brats_root, modality=modality, **kwargs)
         self.ixi_root = Path(ixi_root)
         self.brats_root = Path(brats_root)
         self.healthy_test_fraction = healthy_test_fraction

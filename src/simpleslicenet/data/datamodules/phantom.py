@@ -95,12 +95,7 @@ class BrainPhantom(VolumeDataModule):
                 tag += "_" + "-".join(families)
             root = default_cache_dir() / "phantom" / tag
         super().__init__(
-            root=root,
-            target_shape=target_shape,
-            spacing_mm=spacing_mm,
-            modality=modality,
-            seed=seed,
-            **kwargs,
+            root=root, target_shape=target_shape, spacing_mm=spacing_mm, modality=modality, seed=seed, **kwargs
         )
         self.n_healthy = int(n_healthy)
         self.n_lesion = int(n_lesion)

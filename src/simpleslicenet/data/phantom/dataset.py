@@ -28,6 +28,7 @@ from simpleslicenet.data.phantom.contrasts import check_contrast
 from simpleslicenet.data.phantom.generator import PhantomOptions, PhantomSubject, generate_subject
 from simpleslicenet.data.phantom.lesions import check_families
 from simpleslicenet.data.phantom.templates import TEMPLATE_NAME, load_tissue_template
+from simpleslicenet._version import __version__
 from simpleslicenet.atomic import atomic_write_text
 from simpleslicenet.data.nifti import save_nifti_atomic
 
@@ -61,12 +62,6 @@ def subject_files(root: str | os.PathLike, index: int, contrast: str) -> dict[st
         "seg": folder / f"{sid}_seg.nii.gz",
         "brainmask": folder / f"{sid}_brainmask.nii.gz",
     }
-
-
-def _package_version() -> str:
-    from simpleslicenet import __version__
-
-    return __version__
 
 
 def _write_json_atomic(data: dict, path: Path) -> None:
@@ -234,7 +229,7 @@ def generate_phantom_dataset(
 
     manifest = {
         "format": FORMAT,
-        "package_version": _package_version(),
+        "package_version": __version__,
         "template": TEMPLATE_NAME,
         "parameters": parameters,
         "shape": list(template.shape),

@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from simpleslicenet.atomic import atomic_path
-from simpleslicenet.data.phantom.dataset import read_manifest, subject_files
+from simpleslicenet.data.phantom.dataset import generate_phantom_dataset, read_manifest, subject_files
 
 __all__ = ["save_montage"]
 
@@ -94,8 +94,6 @@ def save_montage(
 
 def main(argv: list[str] | None = None) -> None:
     """Generate a small 1 mm phantom in a temporary folder and save its montage."""
-    from simpleslicenet.data.phantom.dataset import generate_phantom_dataset
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output", type=Path, help="PNG to write")
     parser.add_argument("--contrast", default="t2")

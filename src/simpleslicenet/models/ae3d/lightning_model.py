@@ -72,10 +72,7 @@ class AE3D(VolumeModelMixin, AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         super().__init__(
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
+            pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
         )
         if loss not in LOSSES:
             msg = f"AE3D: loss must be one of {LOSSES}, got {loss!r}"

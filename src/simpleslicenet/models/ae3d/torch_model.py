@@ -136,7 +136,11 @@ class AutoEncoder3dModel(nn.Module):
 
     @staticmethod
     def fold(slices: torch.Tensor) -> torch.Tensor:
-        """One volume's slice stack ``[D, C, H, W]`` → ``[1, 1, D, H, W]`` (channel 0: the grey image)."""
+        """One volume's slice stack ``[D, C, H, W]`` → ``[1, 1, D, H, W]``: its one grey channel.
+
+        The datamodules hold a scan's grey values once and show them as three equal channels
+        (:func:`~simpleslicenet.data.slices.slice_stack`); this reads that channel, without a copy.
+        """
         return slices[:, 0][None, None]
 
     def forward(self, slices: torch.Tensor) -> torch.Tensor | InferenceBatch:

@@ -42,7 +42,7 @@ from anomalib.models import Fastflow, ReverseDistillation
 
 from simpleslicenet.models.slicewise.cflow import CflowSlices, LikelihoodMapGenerator
 from simpleslicenet.models.slicewise.factory import resolve_slicewise, slicewise
-from simpleslicenet.models.slicewise.mixin import SliceWiseMixin, load_offline_weights, take_rows
+from simpleslicenet.models.slicewise.mixin import SliceWiseMixin, load_offline_weights
 from simpleslicenet.models.slicewise.padim import PadimSlices
 from simpleslicenet.models.slicewise.patchcore import PatchcoreSlices
 
@@ -51,7 +51,6 @@ __all__ = [
     "slicewise",
     "LikelihoodMapGenerator",
     "load_offline_weights",
-    "take_rows",
     "PatchcoreSlices",
     "CflowSlices",
     "PadimSlices",

@@ -57,17 +57,13 @@ class CflowSlices(SliceWiseMixin, Cflow):
         layers: Feature layers, one conditional flow each.
         fiber_batch_size: Feature vectors per flow optimisation step. A volume holds tens of thousands
             of locations, so the default is larger than anomalib's 64.
-        condition_vector: Size of the positional condition.
-        coupling_blocks: Coupling blocks per flow.
-        clamp_alpha: Clamp of the affine coupling.
-        permute_soft: Random (soft) permutation between blocks.
-        lr: Adam learning rate.
         likelihood_map: Score locations by their negative log-likelihood (:class:`LikelihoodMapGenerator`),
             comparable across volumes; ``False`` keeps anomalib's map, which is scaled by the maximum of
             each batch (here: each volume).
         **kwargs: :class:`~simpleslicenet.models.slicewise.mixin.SliceWiseMixin` arguments
             (``train_slice_stride``, ``brain_slices_only``, ``volume_score_mode``, ``topk_fraction``, ``backbone_weights``,
-            ``image_size``) and further :class:`~anomalib.models.Cflow` arguments.
+            ``image_size``) and further :class:`~anomalib.models.Cflow` arguments, with Cflow's defaults
+            (``condition_vector``, ``coupling_blocks``, ``clamp_alpha``, ``permute_soft``, ``lr``).
     """
 
     def __init__(
@@ -75,25 +71,10 @@ class CflowSlices(SliceWiseMixin, Cflow):
         backbone: str = DEFAULT_BACKBONE,
         layers: Sequence[str] = DEFAULT_LAYER_NAMES,
         fiber_batch_size: int = 256,
-        condition_vector: int = 128,
-        coupling_blocks: int = 8,
-        clamp_alpha: float = 1.9,
-        permute_soft: bool = False,
-        lr: float = 0.0001,
         likelihood_map: bool = True,
         **kwargs,
     ) -> None:
-        super().__init__(
-            backbone=backbone,
-            layers=layers,
-            fiber_batch_size=fiber_batch_size,
-            condition_vector=condition_vector,
-            coupling_blocks=coupling_blocks,
-            clamp_alpha=clamp_alpha,
-            permute_soft=permute_soft,
-            lr=lr,
-            **kwargs,
-        )
+        super().__init__(backbone=backbone, layers=layers, fiber_batch_size=fiber_batch_size, **kwargs)
         self.likelihood_map = bool(likelihood_map)
         if self.likelihood_map:
             self.model.anomaly_map_generator = LikelihoodMapGenerator(pool_layers=self.model.pool_layers)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 import os
@@ -14,29 +13,23 @@ import torch
 from anomalib.models.components.feature_extractors import TimmFeatureExtractor
 from anomalib.pre_processing import PreProcessor
 
-from simpleslicenet.models.backbones import DEFAULT_BACKBONE, imagenet_pre_processor
+from simpleslicenet.data.batch import take_rows
+from simpleslicenet.models.backbones import (
+    DEFAULT_BACKBONE,
+    BackboneWeightsError,
+    apply_imagenet_weights,
+    imagenet_pre_processor,
+    load_state_into,
+    load_weights_file,
+)
 from simpleslicenet.models.scoring import VolumeScoring
 from simpleslicenet.models.volume_model import VolumeModelMixin
 
-__all__ = ["SliceWiseMixin", "take_rows", "load_offline_weights", "BACKBONE_WEIGHTS"]
+__all__ = ["SliceWiseMixin", "load_offline_weights", "BACKBONE_WEIGHTS"]
 
 logger = logging.getLogger(__name__)
 
 BACKBONE_WEIGHTS = ("imagenet", "random")
-
-
-def take_rows(batch: Any, rows: torch.Tensor) -> Any:  # noqa: ANN401
-    """A new batch of the same class holding only ``rows`` (boolean or index tensor) of every field."""
-    index = rows.nonzero().flatten().tolist() if rows.dtype == torch.bool else rows.tolist()
-    size = batch.batch_size
-    changes = {}
-    for field in dataclasses.fields(batch):
-        value = getattr(batch, field.name)
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size:
-            changes[field.name] = value[index]
-        elif isinstance(value, list) and len(value) == size:
-            changes[field.name] = [value[i] for i in index]
-    return dataclasses.replace(batch, **changes)
 
 
 def load_offline_weights(model: torch.nn.Module, owner: str, weights: str | os.PathLike = "imagenet") -> list[str]:
@@ -55,13 +48,6 @@ def load_offline_weights(model: torch.nn.Module, owner: str, weights: str | os.P
     Raises:
         ValueError: If the model has no timm feature extractor, or a backbone has no bundled weights.
     """
-    from simpleslicenet.models.backbones import (  # noqa: PLC0415
-        BackboneWeightsError,
-        load_state_into,
-        apply_imagenet_weights,
-        load_weights_file,
-    )
-
     state = None if weights == "imagenet" else load_weights_file(weights)
     loaded = []
     for module in model.modules():

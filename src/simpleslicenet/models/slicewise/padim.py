@@ -34,9 +34,4 @@ class PadimSlices(SliceWiseMixin, Padim):
         n_features: int | None = 100,
         **kwargs,
     ) -> None:
-        super().__init__(
-            backbone=backbone,
-            layers=layers,
-            n_features=n_features,
-            **kwargs,
-        )
+        super().__init__(backbone=backbone, layers=layers, n_features=n_features, **kwargs)
