@@ -32,7 +32,7 @@ def _data_args(phantom_root: Path) -> list[str]:
     return args
 
 
-MODEL_ARGS = ["--model.flow_blocks", "2", "--model.features_per_step", "256", "--model.smoothing_sigma", "1.0"]
+MODEL_ARGS = ["--model.flow_blocks", "2", "--model.smoothing_sigma", "1.0"]
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,7 @@ def cli_run(phantom_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     """``anomalib train --model SimpleSliceNet --data BrainPhantom`` then ``anomalib export`` to OpenVINO."""
     work = tmp_path_factory.mktemp("cli")
     train = _run(
-        # Full end windows: the exported graph must follow a dynamic slice count there too.
-        [str(BIN / "anomalib"), "train", "--model", "SimpleSliceNet", *MODEL_ARGS, "--model.full_depth_windows", "true",
+        [str(BIN / "anomalib"), "train", "--model", "SimpleSliceNet", *MODEL_ARGS,
          *_data_args(phantom_root), "--trainer.max_epochs", "1", "--default_root_dir", str(work / "results")],
         cwd=work,
     )
@@ -77,7 +76,14 @@ def test_stock_train_with_short_names_prints_metrics_and_writes_maps(cli_run: di
     output = cli_run["train"].stdout + cli_run["train"].stderr
     for name in ("voxel_AUPRC", "slice_AUROC", "volume_AUROC"):
         assert name in output
-    assert list((cli_run["work"] / "results").rglob("*_anomaly_map.nii.gz"))
+    maps = list((cli_run["work"] / "results").rglob("*_anomaly_map.nii.gz"))
+    assert maps
+    # The test-time writer writes what predict writes for a scan, under the same names: the validation
+    # threshold's mask and the preview beside each map.
+    for path in maps:
+        stem = path.name.removesuffix("_anomaly_map.nii.gz")
+        assert (path.parent / f"{stem}_anomaly_mask.nii.gz").is_file()
+        assert (path.parent / f"{stem}_preview.png").stat().st_size > 0
 
 
 def test_stock_test_and_predict_with_short_names(cli_run: dict, phantom_root: Path) -> None:
@@ -138,7 +144,7 @@ def test_predict_command_writes_maps_in_scan_space(cli_run: dict, phantom_root: 
         (scans / scan.name).symlink_to(scan)
     out = tmp_path / "out"
     args = [str(BIN / "simpleslicenet"), "predict", "--model", str(cli_run["xml"]), "--input", str(scans),
-            "--output", str(out), "--threshold", "val"]
+            "--output", str(out), "--threshold", "val", "--previews"]
     _run(args, cwd=tmp_path)
     for scan in originals:
         stem = scan.name[: -len(".nii.gz")]
@@ -146,7 +152,9 @@ def test_predict_command_writes_maps_in_scan_space(cli_run: dict, phantom_root: 
         source = nib.load(scan)
         assert written.shape == source.shape
         np.testing.assert_allclose(written.affine, source.affine, atol=1e-5)
-        assert (out / f"{stem}_anomaly_mask.nii.gz").exists()
+        mask = nib.load(out / f"{stem}_anomaly_mask.nii.gz")
+        assert mask.shape == source.shape and mask.get_data_dtype() == np.uint8
+        assert (out / f"{stem}_preview.png").stat().st_size > 0
     scores = json.loads((out / "scores.json").read_text())
     # The mask threshold is the one chosen on the validation split during training, kept in the export.
     import openvino as ov

@@ -28,12 +28,12 @@ from simpleslicenet.deploy.inferencer import VolumeInferencer, VolumePrediction
 from simpleslicenet.deploy.loading import (
     ModelFileError,
     ModelOutputError,
-    parse_metadata,
-    parse_metadata_json,
+    accept_package_class,
     read_checkpoint,
     resolve_model_class,
 )
 from simpleslicenet.deploy.predict import predict_paths
+from simpleslicenet.model_metadata import parse_metadata, parse_metadata_json
 
 BIN = Path(sys.executable).parent
 SHAPE = (24, 28, 16)
@@ -219,18 +219,30 @@ def test_own_checkpoint_loads_without_code_and_predicts(
 )
 def test_invalid_metadata_gives_the_package_error(text: str, problem: str) -> None:
     with pytest.raises(ModelFileError, match=problem) as info:
-        parse_metadata_json(text, "exported/model.xml")
+        parse_metadata_json(text, "exported/model.xml", accept_package_class)
     assert "exported/model.xml" in str(info.value)
 
 
 def test_valid_metadata_round_trips() -> None:
-    parsed = parse_metadata(metadata(), "model.ckpt")
+    parsed = parse_metadata(metadata(), "model.ckpt", accept_package_class)
     assert parsed.to_dict() == metadata()
+    assert json.loads(parsed.to_json()) == metadata()
     assert parsed.preprocessing.target_shape == GRID and parsed.dice_threshold == 0.5
-    # Models exported before the map reference existed keep their uncentred scoring.
+    # Scoring settings a block leaves out take VolumeScoring's defaults: no centring, no smoothing.
     older = parse_metadata(metadata(scoring={"volume_score_mode": "max", "topk_fraction": 0.001}), "model.ckpt")
     assert older.scoring.map_reference == "none"
-    assert older.scoring.smoothing_sigma == 0.0  # and the map the graph smoothed is not smoothed again
+    assert older.scoring.smoothing_sigma == 0.0
+
+
+def test_metadata_schema_without_a_class_rule_still_checks_the_block() -> None:
+    # Restoring a checkpoint validates the block with the same schema; only the class rule is left out.
+    assert parse_metadata(metadata(class_path="my.own.Model"), "model.ckpt").class_path == "my.own.Model"
+    with pytest.raises(ModelFileError, match="class_path must be the model class's path, got 7"):
+        parse_metadata(metadata(class_path=7), "model.ckpt")
+    with pytest.raises(ModelFileError, match="dice_threshold must be a finite number"):
+        parse_metadata(metadata(dice_threshold=float("nan")), "model.ckpt")
+    with pytest.raises(ModelFileError, match="is not one of the package's models"):
+        parse_metadata(metadata(class_path="my.own.Model"), "model.ckpt", accept_package_class)
 
 
 # --- exported graphs ----------------------------------------------------------------------------
@@ -445,3 +457,43 @@ def test_killed_batches_leave_one_complete_batch_and_no_temporary_files(stub: ty
     assert interrupted >= 3  # the early kill points cannot all have missed the batch
     predict_paths("m.xml", scans, out, overwrite=True, progress=False)  # removes what killed runs left
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(TEMP_PREFIX)]
+
+
+# --- one writer of a scan's outputs -------------------------------------------------------------
+
+
+def test_scan_outputs_are_named_in_one_place_and_never_read_as_scans(tmp_path: Path) -> None:
+    from simpleslicenet.calibration import ConformalCalibration
+    from simpleslicenet.data.scans import OUTPUT_SUFFIXES, scans_from
+    from simpleslicenet.scan_outputs import OUTPUT_FILES, ScanOutputs, output_paths, threshold_mask, write_scan_outputs
+
+    assert {suffix.removesuffix(".nii.gz") for suffix in OUTPUT_FILES.values() if suffix.endswith(".nii.gz")} == set(
+        OUTPUT_SUFFIXES
+    )
+    (scan,) = write_scans(tmp_path / "scans", 1)
+    volume = load_volume(scan, VolumePreprocessing(target_shape=GRID))
+    model_map, brain = to_slices(volume.image), to_slices(volume.brain_mask).astype(bool)
+    calibration = ConformalCalibration.from_scores([model_map[brain] * 0.5], [0.4])
+    outputs = ScanOutputs(
+        name="scan0",
+        geometry=volume.geometry,
+        model_map=model_map,
+        mask=threshold_mask(model_map, float(np.median(model_map[brain])), brain),
+        pvalues=calibration.pvalue_map(model_map, brain),
+        image=model_map,
+        brain=brain,
+    )
+    written = write_scan_outputs(outputs, tmp_path / "scans", preview=True)
+    assert written == output_paths(tmp_path / "scans", outputs, preview=True)
+    assert sorted(path.name for path in written.values()) == sorted(f"scan0{suffix}" for suffix in OUTPUT_FILES.values())
+    for key in ("map", "pvalue_map", "mask"):
+        image = nib.load(written[key])
+        assert image.shape == SHAPE and np.allclose(image.affine, np.diag([2.0, 2.0, 2.0, 1.0]))
+    mask = np.asarray(nib.load(written["mask"]).dataobj)
+    assert mask.dtype == np.uint8 and 0 < mask.sum() < np.asarray(volume.brain_mask).sum()
+    pvalues = np.asarray(nib.load(written["pvalue_map"]).dataobj)
+    assert pvalues.min() > 0 and pvalues.max() == 1.0  # 1 outside the brain
+    # The outputs lie beside the scan, yet the folder still holds one scan.
+    assert [found.image_path.name for found in scans_from(tmp_path / "scans")] == ["scan0.nii.gz"]
+    with pytest.raises(FileExistsError):
+        write_scan_outputs(outputs, tmp_path / "scans")

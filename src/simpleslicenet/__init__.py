@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from simpleslicenet._version import __version__
 
 # Public names other than models and datamodules -> the module that defines them.
 _LAZY = {

@@ -1,7 +1,10 @@
 """The one way this package writes files: build under a temporary name, then rename into place.
 
 A reader (or a crash) therefore sees either the old file or the complete new one, never half of it,
-and no temporary file is left behind when writing fails.
+and no temporary file is left behind when writing fails. Whole folders (a ``predict`` batch, an
+exported model) are built the same way in :func:`staged_directory`: a hidden staging folder beside
+the target that replaces it as a whole once complete, removed when anything fails or the process is
+interrupted (Ctrl-C or SIGTERM), and cleaned up by the next run if the process was killed.
 
 Example:
     >>> import tempfile, pathlib
@@ -10,6 +13,8 @@ Example:
     PosixPath('...scores.json')
     >>> with atomic_path(folder / "figure.png") as tmp:  # doctest: +SKIP
     ...     fig.savefig(tmp)
+    >>> with staged_directory(folder / "maps", "predict") as staging:  # doctest: +SKIP
+    ...     (staging / "scores.json").write_text("{}")
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import ctypes
 import errno
 import os
 import shutil
+import signal
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +38,9 @@ __all__ = [
     "atomic_write_text",
     "recover_directory",
     "replace_directory",
+    "signals_deferred",
+    "staged_directory",
+    "terminate_unwinds",
 ]
 
 # Temporary names start with this, so listings (and the dataset naming rule) skip them as hidden files.
@@ -162,3 +172,72 @@ def recover_directory(target: str | os.PathLike) -> None:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.rename(target)
+
+
+@contextmanager
+def terminate_unwinds() -> Iterator[None]:
+    """While active, SIGTERM raises ``SystemExit`` (as Ctrl-C raises ``KeyboardInterrupt``), so cleanup runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_on_terminate(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_on_terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back for a step that must not be cut in half (a swap, a cleanup)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a held signal is delivered here
+
+
+@contextmanager
+def staged_directory(target: str | os.PathLike, tag: str) -> Iterator[Path]:
+    """Build a folder under a hidden name beside ``target``; on success it replaces ``target`` as a whole.
+
+    Before the staging folder is made, what killed runs left beside ``target`` is cleaned up (their
+    staging folders with this ``tag``, and a set-aside folder, see :func:`recover_directory`). The block
+    runs with SIGTERM unwinding like Ctrl-C (:func:`terminate_unwinds`). When it completes, the staging
+    folder replaces ``target`` (:func:`replace_directory`, with signals held back); when it fails or is
+    interrupted, ``target`` stays exactly as it was and the staging folder is removed. Whatever writes
+    into the staging folder (a thread, a child process) must be finished before the block ends.
+
+    Args:
+        target: The folder to build (its parent is created).
+        tag: Names the staging folders of one kind of job (``".tmp-<target>.<tag>-<pid>-..."``).
+
+    Yields:
+        The empty staging folder.
+    """
+    target = Path(target)
+    if target.name in {"", ".", ".."}:
+        target = target.resolve()  # the staging folder is named after the target
+    prefix = f"{TEMP_PREFIX}{target.name}.{tag}-"
+    with terminate_unwinds():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        recover_directory(target)
+        for path in abandoned_paths(target.parent, prefix):
+            shutil.rmtree(path, ignore_errors=True)
+        staging = target.parent / f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        try:
+            staging.mkdir()
+            yield staging
+            with signals_deferred():
+                replace_directory(staging, target)
+        finally:
+            with signals_deferred():  # a second Ctrl-C must not cut the cleanup short
+                shutil.rmtree(staging, ignore_errors=True)  # nothing left after a success: it became the target

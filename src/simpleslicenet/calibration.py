@@ -212,12 +212,23 @@ class ConformalCalibration:
         """Which of one scan's brain-voxel p-values pass BH at :meth:`fdr_level` ``(q)``."""
         return benjamini_hochberg(pvalues, self.fdr_level(q))
 
-    def fdr_mask(self, scores: np.ndarray, brain: np.ndarray, q: float) -> np.ndarray:
-        """Brain voxels of one scan flagged at false discovery rate ``q`` (boolean, ``scores``' shape)."""
+    def pvalue_map(self, scores: np.ndarray, brain: np.ndarray) -> np.ndarray:
+        """Voxel p-values of one scan's brain voxels, 1 outside the brain (float32, ``scores``' shape)."""
+        brain = np.asarray(brain, dtype=bool)
+        pvalues = np.ones(brain.shape, dtype=np.float32)
+        pvalues[brain] = self.voxel_pvalues(np.asarray(scores)[brain])
+        return pvalues
+
+    def flag_map(self, pvalue_map: np.ndarray, brain: np.ndarray, q: float) -> np.ndarray:
+        """Brain voxels of one scan's :meth:`pvalue_map` that pass BH at :meth:`fdr_level` ``(q)`` (boolean)."""
         brain = np.asarray(brain, dtype=bool)
         mask = np.zeros(brain.shape, dtype=bool)
-        mask[brain] = self.flag(self.voxel_pvalues(np.asarray(scores)[brain]), q)
+        mask[brain] = self.flag(np.asarray(pvalue_map)[brain], q)
         return mask
+
+    def fdr_mask(self, scores: np.ndarray, brain: np.ndarray, q: float) -> np.ndarray:
+        """Brain voxels of one scan flagged at false discovery rate ``q`` (boolean, ``scores``' shape)."""
+        return self.flag_map(self.pvalue_map(scores, brain), brain, q)
 
     # -- files ------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

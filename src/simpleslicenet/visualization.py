@@ -1,10 +1,12 @@
 """Writes each test/predict volume's anomaly map as NIfTI in the scan's own space, plus a PNG preview.
 
 anomalib's ``ImageVisualizer`` re-opens ``image_path`` with PIL, which fails on NIfTI scans. Every
-simpleslicenet model uses :class:`VolumeMapWriter` in its place: the map of each volume goes to
-``<output_dir>/<scan name>_anomaly_map.nii.gz`` (overlay it on the scan in ITK-SNAP or FSLeyes) and a
-preview of the slices that matter to ``<scan name>.png`` (:mod:`simpleslicenet.preview`): the map inside
-the brain with a colour bar, the region above the validation threshold and the true lesion outline.
+simpleslicenet model uses :class:`VolumeMapWriter` in its place. It writes the same files as
+``simpleslicenet predict``, through the same writer (:mod:`simpleslicenet.scan_outputs`): per volume
+``<scan name>_anomaly_map.nii.gz`` (overlay it on the scan in ITK-SNAP or FSLeyes), once a validation
+threshold exists ``<scan name>_anomaly_mask.nii.gz`` (voxels at or above it), and
+``<scan name>_preview.png`` of the slices that matter: the map inside the brain with a colour bar, the
+region above the validation threshold and the true lesion outline.
 """
 
 from __future__ import annotations
@@ -16,15 +18,14 @@ import numpy as np
 import torch
 from anomalib.visualization import Visualizer
 
-from simpleslicenet.data.nifti import write_nifti
 from simpleslicenet.data.scans import nifti_stem
-from simpleslicenet.preview import draw_preview
+from simpleslicenet.scan_outputs import ScanOutputs, threshold_mask, write_scan_outputs
 
 __all__ = ["VolumeMapWriter"]
 
 
 class VolumeMapWriter(Visualizer):
-    """Lightning callback writing one NIfTI anomaly map (and a PNG preview) per test/predict volume.
+    """Lightning callback writing one NIfTI anomaly map (a mask and a PNG preview) per test/predict volume.
 
     Args:
         output_dir: Folder for the outputs; default ``<trainer.default_root_dir>/anomaly_maps`` of the
@@ -44,7 +45,8 @@ class VolumeMapWriter(Visualizer):
         Args:
             batch: The predicted batch.
             folder: Where to write; default ``output_dir``.
-            threshold: Score from which the preview outlines the flagged region (e.g. the validation threshold).
+            threshold: Score from which voxels are flagged (mask file and the preview's outline), e.g. the
+                validation threshold; ``None``: no mask.
         """
         folder = Path(folder) if folder is not None else self.output_dir
         if folder is None:
@@ -63,17 +65,19 @@ class VolumeMapWriter(Visualizer):
             if self._sources.setdefault((folder, stem), source) != source:
                 # Two scans of one name (e.g. healthy/001 and lesion/001): keep both maps.
                 stem = f"{Path(source).parent.name}_{stem}"
-            path = write_nifti(geometry.to_scan(amap), geometry, folder / f"{stem}_anomaly_map.nii.gz", overwrite=True)
-            written.append(path)
-            if self.previews:
-                part = batch.rows(rows)
-                brain = part.brain_mask.cpu().numpy().astype(bool) if part.brain_mask is not None else None
-                lesion = part.gt_mask.cpu().numpy().astype(bool) if part.gt_mask is not None else None
-                flagged = None
-                if threshold is not None and np.isfinite(threshold):
-                    flagged = amap >= threshold if brain is None else (amap >= threshold) & brain
-                image = part.image[:, 0].detach().float().cpu().numpy()
-                draw_preview(image, amap, folder / f"{stem}.png", brain=brain, lesion=lesion, flagged=flagged, title=stem)
+            part = batch.rows(rows)
+            brain = part.brain_mask.cpu().numpy().astype(bool) if part.brain_mask is not None else None
+            flagged = threshold is not None and np.isfinite(threshold)
+            outputs = ScanOutputs(
+                name=stem,
+                geometry=geometry,
+                model_map=amap,
+                mask=threshold_mask(amap, threshold, brain) if flagged else None,
+                image=part.image[:, 0].detach().float().cpu().numpy() if self.previews else None,
+                brain=brain,
+                lesion=part.gt_mask.cpu().numpy().astype(bool) if part.gt_mask is not None else None,
+            )
+            written.append(write_scan_outputs(outputs, folder, preview=self.previews, overwrite=True)["map"])
         return written
 
     def _on_batch_end(self, trainer: Any, outputs: Any) -> None:  # noqa: ANN401

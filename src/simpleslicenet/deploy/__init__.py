@@ -1,4 +1,8 @@
-"""Deployment: OpenVINO export (:mod:`.export`, atomic, tagged with the training preprocessing) and volume inference.
+"""Deployment: safe model loading, volume inference on the CPU, ``predict`` and ``calibrate``.
+
+Models are exported by their own ``to_openvino`` (``anomalib export`` or ``model.to_openvino``:
+atomic, tagged with the training preprocessing, see :mod:`simpleslicenet.models.export`); this package
+loads such files without running code from them (:mod:`.loading`, :mod:`.openvino`) and runs them on scans.
 
 Example:
     >>> from simpleslicenet.deploy import VolumeInferencer
@@ -12,7 +16,17 @@ or ``simpleslicenet predict --model model.xml --input scans/ --output maps/``; l
 """
 
 from simpleslicenet.deploy.calibrate import calibrate_paths
-from simpleslicenet.deploy.inferencer import ModelFileError, ModelOutputError, VolumeInferencer, VolumePrediction
-from simpleslicenet.deploy.predict import PredictionReport, predict_paths
+from simpleslicenet.deploy.inferencer import VolumeInferencer, VolumePrediction
+from simpleslicenet.deploy.loading import ModelFileError, ModelOutputError
+from simpleslicenet.deploy.predict import predict_paths
+from simpleslicenet.deploy.report import PredictionReport
 
-__all__ = ["calibrate_paths", "ModelFileError", "ModelOutputError", "PredictionReport", "VolumeInferencer", "VolumePrediction", "predict_paths"]
+__all__ = [
+    "calibrate_paths",
+    "ModelFileError",
+    "ModelOutputError",
+    "PredictionReport",
+    "VolumeInferencer",
+    "VolumePrediction",
+    "predict_paths",
+]

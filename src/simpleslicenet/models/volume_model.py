@@ -5,13 +5,14 @@
   volume scores, the same for every model and for the deployed inferencer.
 * **It remembers how it was trained.** The datamodule's :class:`~simpleslicenet.data.volume.VolumePreprocessing`
   (grid, spacing, scaling, brain mask, modality), the :class:`~simpleslicenet.models.scoring.VolumeScoring`
-  and the Dice threshold chosen on validation go into checkpoints and exported models as they are, so
-  inference repeats exactly the same preprocessing, and a file that is not one of ours is recognised.
+  and the Dice threshold chosen on validation go into checkpoints and exported models as they are
+  (the metadata block of :mod:`simpleslicenet.model_metadata`), so inference repeats exactly the same
+  preprocessing, and a file that is not one of ours is recognised.
 * **Raw scores.** No min-max normalisation and no anomalib thresholds: the normalisation clamps to
   [0, 1], which turns the highest and lowest scores into ties that distort AUROC/AUPRC, and a threshold
   learnt on validation maps would not apply to normalised test maps.
-* Its visualizer writes NIfTI maps in the scan's own space, and its OpenVINO export is atomic and
-  tagged with the metadata (:mod:`simpleslicenet.deploy.export`).
+* Its visualizer writes NIfTI maps in the scan's own space (:class:`~simpleslicenet.visualization.VolumeMapWriter`),
+  and its OpenVINO export is atomic and tagged with the metadata (:mod:`simpleslicenet.models.export`).
 """
 
 from __future__ import annotations
@@ -20,14 +21,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from anomalib.post_processing import PostProcessor
+from torchvision.tv_tensors import Mask
 
+from simpleslicenet.data.batch import VolumeBatch
 from simpleslicenet.data.volume import VolumePreprocessing
+from simpleslicenet.metrics import default_volume_evaluator
+from simpleslicenet.metrics.voxel import DiceThreshold
+from simpleslicenet.model_metadata import METADATA_KEY, ModelMetadata, parse_metadata
+from simpleslicenet.models.export import export_openvino
 from simpleslicenet.models.scoring import VolumeScoring, score_volumes, to_slice_grid
+from simpleslicenet.visualization import VolumeMapWriter
 
-__all__ = ["VolumeModelMixin", "METADATA_KEY"]
-
-# Key of the metadata block in checkpoints and in exported models' runtime info.
-METADATA_KEY = "simpleslicenet"
+__all__ = ["VolumeModelMixin"]
 
 
 class VolumeModelMixin:
@@ -37,26 +43,25 @@ class VolumeModelMixin:
     scoring: VolumeScoring = VolumeScoring()
     dice_threshold: float | None = None
 
-    def metadata(self) -> dict[str, Any]:
+    def metadata_record(self) -> ModelMetadata:
         """Class path, preprocessing, scoring and validation Dice threshold, as stored in checkpoints and exports."""
         cls = type(self)
-        return {
-            "class_path": f"{cls.__module__}.{cls.__qualname__}",
-            "preprocessing": self.preprocessing.to_dict() if self.preprocessing is not None else None,
-            "scoring": self.scoring.to_dict(),
-            "dice_threshold": self.dice_threshold,
-        }
+        return ModelMetadata(
+            class_path=f"{cls.__module__}.{cls.__qualname__}",
+            preprocessing=self.preprocessing,
+            scoring=self.scoring,
+            dice_threshold=self.dice_threshold,
+        )
+
+    def metadata(self) -> dict[str, Any]:
+        """:meth:`metadata_record` in its plain form (the checkpoint's ``METADATA_KEY`` entry)."""
+        return self.metadata_record().to_dict()
 
     def score_batch(self, batch: Any) -> Any:  # noqa: ANN401
         """Brain-restricted map, slice scores (``pred_score``) and ``volume_score`` of every volume in a batch.
 
         Batches that are not volumes (plain images, 2-D mode) are returned unchanged.
         """
-        # Imported here: the deployed inferencer reads METADATA_KEY from this module without anomalib.
-        from torchvision.tv_tensors import Mask
-
-        from simpleslicenet.data.batch import VolumeBatch
-
         if not isinstance(batch, VolumeBatch) or batch.anomaly_map is None:
             return batch
         if batch.gt_mask is not None and batch.brain_mask is not None:
@@ -87,18 +92,17 @@ class VolumeModelMixin:
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102
         super().on_load_checkpoint(checkpoint)
-        block = checkpoint.get(METADATA_KEY) or {}
-        record = block.get("preprocessing")
-        self.preprocessing = VolumePreprocessing.from_dict(record) if record else None
-        if block.get("scoring"):
-            self.scoring = VolumeScoring.from_dict(block["scoring"])
-        self.dice_threshold = block.get("dice_threshold")
+        block = checkpoint.get(METADATA_KEY)
+        if block is None:
+            return
+        stored = parse_metadata(block, "checkpoint")
+        self.preprocessing = stored.preprocessing
+        self.scoring = stored.scoring
+        self.dice_threshold = stored.dice_threshold
         self._restore_validation_threshold()
 
     def _restore_validation_threshold(self) -> None:
         """Give the evaluator the stored threshold, so testing a reloaded model needs no validation pass."""
-        from simpleslicenet.metrics.voxel import DiceThreshold
-
         if self.dice_threshold is None:
             return
         for metric in getattr(getattr(self, "evaluator", None), "val_metrics", []):
@@ -108,8 +112,6 @@ class VolumeModelMixin:
 
     def configure_post_processor(self):  # noqa: ANN201
         """Raw scores out: neither normalisation nor anomalib's F1 thresholds (see the module docstring)."""
-        from anomalib.post_processing import PostProcessor
-
         return PostProcessor(enable_normalization=False, enable_thresholding=False)
 
     def on_validation_epoch_end(self) -> None:
@@ -123,15 +125,11 @@ class VolumeModelMixin:
     def configure_evaluator():  # noqa: ANN205
         """Volumetric test metrics: brain-masked voxel AUROC/AUPRC, Dice at the validation threshold,
         max Dice, slice and volume AUROC/AUPRC (see :mod:`simpleslicenet.metrics`)."""
-        from simpleslicenet.metrics import default_volume_evaluator
-
         return default_volume_evaluator()
 
     @classmethod
     def configure_visualizer(cls):  # noqa: ANN206
         """NIfTI map writer instead of anomalib's PIL-based image visualizer."""
-        from simpleslicenet.visualization import VolumeMapWriter
-
         return VolumeMapWriter()
 
     def to_openvino(
@@ -142,10 +140,9 @@ class VolumeModelMixin:
         *args,
         **kwargs,
     ) -> Path:
-        """anomalib's OpenVINO export, atomic and tagged (see :func:`simpleslicenet.deploy.export.export_openvino`)."""
-        from simpleslicenet.deploy.export import export_openvino
+        """anomalib's OpenVINO export, atomic and tagged (see :func:`simpleslicenet.models.export.export_openvino`)."""
 
         def anomalib_export(staging: Path, size: tuple[int, int] | None) -> Path:
             return super(VolumeModelMixin, self).to_openvino(staging, model_file_name, size, *args, **kwargs)
 
-        return export_openvino(self, export_root, anomalib_export, input_size)
+        return export_openvino(self.metadata_record(), export_root, anomalib_export, input_size)
