@@ -60,6 +60,11 @@ def test_sweep_writes_report_and_resumes(phantom_root: Path, tmp_path: Path, mon
     assert ConformalCalibration.load(tmp_path / "out" / "runs" / results[0]["run_id"] / "calibration.json").n_scans == 2
     assert frame["fdr05_Dice"].between(0, 1).all() and frame["volume_p_KS"].between(0, 1).all()
     assert "## Label-free outputs" in table and "Dice @ FDR 0.05" in table
+    # Each run keeps its training curve.
+    for result in results:
+        curve = pd.read_csv(tmp_path / "out" / "runs" / result["run_id"] / "metrics.csv")
+        losses = [column for column in curve.columns if column.startswith("train_loss")]
+        assert losses and curve[losses].notna().any(axis=None), list(curve.columns)
 
     # The sweep's numbers are anomalib's: testing the run's checkpoint with the Engine, as `anomalib test
     # --ckpt_path` does, gives the same metrics (the validation threshold travels in the checkpoint).

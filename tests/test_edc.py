@@ -176,6 +176,13 @@ def test_interrupted_run_resumes_to_the_same_weights(edc_run, slices, tmp_path: 
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
+    # The checkpoint is Lightning's, readable without running code; asking for more steps extends the run.
+    saved = torch.load(resumed.checkpoint, map_location="cpu", weights_only=True)
+    assert saved["global_step"] == SETTINGS["steps"] and saved["edc"]["history"]["loss"] == resumed.history["loss"]
+    longer = train_edc(slices, out, EDCSettings(**{**SETTINGS, "steps": 6}), checkpoint_every=2, device="cpu", progress=False)
+    assert longer.resumed_from == 4 and len(longer.history["loss"]) == 6
+    assert longer.history["loss"][:4] == edc_run.history["loss"]
+
 
 def test_resume_refuses_a_checkpoint_of_other_settings(edc_run, slices) -> None:
     from simpleslicenet.training import EDCResumeError, EDCSettings, train_edc

@@ -22,9 +22,10 @@ def test_importing_anomalib_loads_nothing_of_ours() -> None:
         "print(hasattr(anomalib.models, 'SimpleSliceNet'), hasattr(anomalib.data, 'BrainPhantom'))\n"
         "print(sorted(m for m in sys.modules if m.startswith('simpleslicenet.') and m != 'simpleslicenet._anomalib_hook'))\n"
     )
-    # The start-up hook imports nothing of the package beyond itself (no model, no allocator change).
+    # The start-up hook imports nothing of the package beyond itself, the version string and its
+    # standard-library warning filters (no model, no allocator change).
     assert out.splitlines()[0] == "False False"
-    assert out.splitlines()[1] == "[]"
+    assert out.splitlines()[1] == "['simpleslicenet._version', 'simpleslicenet.quiet']"
 
 
 def test_register_makes_short_names_known_to_anomalib() -> None:
@@ -58,3 +59,42 @@ def test_cli_seed_true_draws_a_fresh_seed_and_an_integer_is_kept() -> None:
     cli = FakeCLI(5)
     cli.before_instantiate_classes()
     assert cli.config["fit"]["seed_everything"] == 5
+
+
+def test_default_logger_only_for_our_runs_and_never_over_the_users_choice() -> None:
+    from jsonargparse import Namespace
+
+    from simpleslicenet.plugin import default_logger_wanted
+
+    def config(logger: object, model: str = "simpleslicenet.models.simpleslicenet.SimpleSliceNet") -> Namespace:
+        return Namespace(
+            trainer=Namespace(logger=logger),
+            model=Namespace(class_path=model),
+            data=Namespace(class_path="anomalib.data.MVTecAD"),
+        )
+
+    assert default_logger_wanted(config(None))
+    assert not default_logger_wanted(config(False))  # --trainer.logger false still means none
+    assert not default_logger_wanted(config(Namespace(class_path="lightning.pytorch.loggers.CSVLogger")))
+    assert not default_logger_wanted(config(None, model="anomalib.models.Patchcore"))  # anomalib's run, its defaults
+
+
+def test_one_console_handler_keeps_the_plain_one() -> None:
+    import logging
+
+    from rich.logging import RichHandler
+
+    from simpleslicenet.plugin import use_one_console_handler
+
+    root = logging.getLogger()
+    saved = list(root.handlers)
+    plain, rich = logging.StreamHandler(), RichHandler()
+    try:
+        root.handlers = [plain, rich]  # what anomalib's configure_logger leaves
+        use_one_console_handler()
+        assert root.handlers == [plain]
+        root.handlers = [rich]  # rich alone is left as it is
+        use_one_console_handler()
+        assert root.handlers == [rich]
+    finally:
+        root.handlers = saved

@@ -5,6 +5,10 @@ It installs an import hook and nothing else (microseconds, no heavy import): onl
 ``anomalib.cli.cli`` finishes loading — that is, in the ``anomalib`` command — does it call
 :func:`simpleslicenet.plugin.register`, before the command parses its arguments. A process that merely
 imports anomalib is left alone. Set ``SIMPLESLICENET_NO_PLUGIN=1`` to switch it off.
+
+Just before the command's module runs, :func:`simpleslicenet.quiet.quiet_third_party_warnings` filters the deprecation
+warnings that anomalib's own imports raise (timm's old module path, anomalib's DINOv2 copy, Lightning's
+pytree check under newer torch): they concern those libraries' code, not the user's.
 """
 
 from __future__ import annotations
@@ -12,10 +16,11 @@ from __future__ import annotations
 import os
 import sys
 
+from simpleslicenet.quiet import quiet_third_party_warnings
+
 __all__ = ["install"]
 
 _TRIGGER = "anomalib.cli.cli"
-
 
 class _RegisterAfterAnomalibCli:
     """A meta-path finder: finds ``anomalib.cli.cli`` with the normal finders and registers our classes
@@ -32,6 +37,7 @@ class _RegisterAfterAnomalibCli:
         else:
             return None
         original_exec = spec.loader.exec_module
+        quiet_third_party_warnings()  # the command's module imports anomalib's models next
 
         def exec_module(module) -> None:  # noqa: ANN001
             original_exec(module)

@@ -175,7 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument(
         "--threshold",
         default=None,
-        help="also write a mask of voxels above this score; 'val': the Dice threshold chosen on validation",
+        help="also write a mask of voxels at or above this score; 'val': the Dice threshold chosen on validation",
     )
     pred.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     pred.add_argument(

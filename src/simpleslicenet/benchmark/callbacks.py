@@ -10,6 +10,9 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback
 
+from simpleslicenet.metrics.calibrated import volume_maps
+from simpleslicenet.preview import draw_preview
+
 __all__ = ["InferenceTimer", "ExampleDrawer"]
 
 
@@ -65,9 +68,6 @@ class ExampleDrawer(Callback):
         del trainer, batch, batch_idx, dataloader_idx
         if self.drawn or outputs is None or outputs.gt_mask is None or not outputs.gt_mask.any():
             return
-        from simpleslicenet.metrics.calibrated import volume_maps
-        from simpleslicenet.preview import draw_preview
-
         threshold = getattr(pl_module, "dice_threshold", None)
         for amap, brain, _score, part in volume_maps([outputs]):
             lesion = part.gt_mask.cpu().numpy().astype(bool).reshape(brain.shape)

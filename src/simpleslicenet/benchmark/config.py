@@ -41,6 +41,7 @@ from pathlib import Path
 import yaml
 
 from simpleslicenet.benchmark.executors import ExecutorSettings
+from simpleslicenet.models.registry import config_init_args, packaged_config
 
 __all__ = ["RunSpec", "SweepConfig", "load_sweep"]
 
@@ -96,8 +97,6 @@ def _model_args(entry: dict, sweep_path: Path) -> dict:
     """An entry's ``init_args`` over those of its ``config`` (a packaged model configuration), if any."""
     if not entry.get("config"):
         return dict(entry.get("init_args", {}))
-    from simpleslicenet.models.registry import config_init_args, packaged_config
-
     try:
         base = config_init_args(packaged_config(entry["config"]))
     except FileNotFoundError as error:

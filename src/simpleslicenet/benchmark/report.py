@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from simpleslicenet.atomic import atomic_path, atomic_write_text
+from simpleslicenet.metrics.calibrated import ks_uniform
 from simpleslicenet.training.selection import PROTOCOL_LABEL
 
 __all__ = ["CALIBRATED_COLUMNS", "TABLE_COLUMNS", "breakdown_frame", "calibration_check", "results_frame", "summary_table", "write_report"]
@@ -107,8 +108,6 @@ def calibration_check(results: list[dict], levels: tuple[float, ...] = (0.05, 0.
     up to sampling error, and healthy volume p-values are uniform (KS distance on the p-values' grid,
     against the continuous test's 5% critical value, which the grid's can only be below).
     """
-    from simpleslicenet.metrics.calibrated import ks_uniform
-
     pooled: dict[tuple[str, str], dict] = {}
     for result in results:
         calibrated, pvalues = result.get("calibrated") or {}, result.get("volume_pvalues")

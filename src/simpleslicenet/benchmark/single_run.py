@@ -8,23 +8,33 @@ makes the process's peak resident memory the run's peak RAM.
 
 from __future__ import annotations
 
+import importlib
 import json
 import resource
 import sys
 import time
 from pathlib import Path
 
+import torch
+from anomalib.deploy import ExportType
+from anomalib.engine import Engine
+from lightning.pytorch import seed_everything
+from lightning.pytorch.loggers import CSVLogger
+
+from simpleslicenet.quiet import quiet_lightning_messages, quiet_third_party_warnings
 from simpleslicenet.atomic import atomic_write_text
+from simpleslicenet.benchmark.callbacks import ExampleDrawer, InferenceTimer
+from simpleslicenet.data import datamodules
+from simpleslicenet.metrics.breakdown import MetricBreakdown
+from simpleslicenet.metrics.calibrated import CalibratedEvaluation, calibrate_model
+from simpleslicenet.models.registry import create_model
+from simpleslicenet.training.selection import ValidationSliceAUROCCheckpoint
 
 __all__ = ["run_single", "load_datamodule"]
 
 
 def load_datamodule(class_path: str, init_args: dict):  # noqa: ANN201
     """A datamodule from a simpleslicenet name (e.g. ``BrainPhantom``), an anomalib name or a dotted path."""
-    import importlib
-
-    from simpleslicenet.data import datamodules
-
     if "." in class_path:
         module_name, name = class_path.rsplit(".", 1)
         cls = getattr(importlib.import_module(module_name), name)
@@ -38,8 +48,6 @@ def load_datamodule(class_path: str, init_args: dict):  # noqa: ANN201
 
 def _export_size(engine, model, out_dir: Path) -> tuple[int | None, str | None]:  # noqa: ANN001
     """Size in bytes of the OpenVINO export (xml + bin), or the reason it failed."""
-    from anomalib.deploy import ExportType
-
     try:
         engine.export(model, export_type=ExportType.OPENVINO, export_root=out_dir / "export")
     except Exception as error:  # noqa: BLE001 - a failed export is a result to report, not a crash
@@ -50,15 +58,8 @@ def _export_size(engine, model, out_dir: Path) -> tuple[int | None, str | None]:
 
 def run_single(spec: dict, out_dir: Path) -> dict:
     """Fit, validate and test one (model, dataset, seed); return the result record."""
-    import torch
-    from anomalib.engine import Engine
-    from lightning.pytorch import seed_everything
-
-    from simpleslicenet.benchmark.callbacks import ExampleDrawer, InferenceTimer
-    from simpleslicenet.metrics.breakdown import MetricBreakdown
-    from simpleslicenet.metrics.calibrated import CalibratedEvaluation, calibrate_model
-    from simpleslicenet.models.registry import create_model
-
+    quiet_third_party_warnings()
+    quiet_lightning_messages()
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(spec["seed"], workers=True)
     datamodule = load_datamodule(spec["dataset_class"], {**spec["dataset_args"], "seed": spec["seed"]})
@@ -70,13 +71,13 @@ def run_single(spec: dict, out_dir: Path) -> dict:
     calibrated = CalibratedEvaluation()
     callbacks = [timer, example, breakdown, calibrated]
     if spec.get("select_checkpoint"):
-        from simpleslicenet.training.selection import ValidationSliceAUROCCheckpoint
-
         callbacks.append(ValidationSliceAUROCCheckpoint(**spec["select_checkpoint"]))
-    trainer = {"accelerator": "cpu", "devices": 1, **spec["trainer"]}
+    # A run's epochs are a few dozen volumes: log every step, or the curve has no training points.
+    trainer = {"accelerator": "cpu", "devices": 1, "log_every_n_steps": 1, **spec["trainer"]}
     engine = Engine(
         default_root_dir=out_dir / "engine",
-        logger=False,
+        # The loss and validation curves of the run: out_dir/metrics.csv.
+        logger=CSVLogger(out_dir, name="", version=""),
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=callbacks,

@@ -6,7 +6,10 @@ a decoder rebuilds the encoder's stage maps from its bottleneck, with a stop-gra
 side so the pair cannot collapse. The tuned encoder is saved as a plain timm ``state_dict`` that every
 model here loads with ``backbone_weights=``.
 
-* :mod:`~simpleslicenet.training.edc`: settings, network, training loop (resumable).
+* :mod:`~simpleslicenet.training.edc`: settings and network (encoder, decoder, frozen starting copy).
+* :mod:`~simpleslicenet.training.edc_module`: the Lightning module (loss, optimiser, batches per step).
+* :mod:`~simpleslicenet.training.edc_run`: :func:`train_edc`, a Lightning ``Trainer`` run that resumes
+  from its ``ModelCheckpoint``.
 * :mod:`~simpleslicenet.training.decoder`: the reconstruction decoder.
 * :mod:`~simpleslicenet.training.data`: normal slices from Br35H, image folders or datamodules.
 * :mod:`~simpleslicenet.training.outputs`: weights file, checkpoint, loss curve, summary.
@@ -28,13 +31,14 @@ import importlib
 
 _LAZY = {
     "ValidationSliceAUROCCheckpoint": "simpleslicenet.training.selection",
+    "EDCModule": "simpleslicenet.training.edc_module",
     "EDCNetwork": "simpleslicenet.training.edc",
-    "EDCResult": "simpleslicenet.training.edc",
+    "EDCResult": "simpleslicenet.training.edc_run",
     "EDCResumeError": "simpleslicenet.training.edc",
     "EDCSettings": "simpleslicenet.training.edc",
     "global_cosine_distance": "simpleslicenet.training.edc",
     "initial_encoder_state": "simpleslicenet.training.edc",
-    "train_edc": "simpleslicenet.training.edc",
+    "train_edc": "simpleslicenet.training.edc_run",
     "FeatureDecoder": "simpleslicenet.training.decoder",
     "NormalSlices": "simpleslicenet.training.data",
     "load_normal_slices": "simpleslicenet.training.data",

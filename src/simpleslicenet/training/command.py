@@ -107,7 +107,8 @@ def add_edc_arguments(parser: argparse.ArgumentParser) -> None:
 def run_edc_command(args: argparse.Namespace) -> None:
     """Load the slices, fine-tune, and print where the weights went."""
     from simpleslicenet.training.data import load_normal_slices
-    from simpleslicenet.training.edc import EDCSettings, train_edc
+    from simpleslicenet.training.edc import EDCSettings
+    from simpleslicenet.training.edc_run import train_edc
 
     settings = EDCSettings(
         backbone=args.backbone,

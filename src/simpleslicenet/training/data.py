@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from simpleslicenet.atomic import TEMP_PREFIX
+from simpleslicenet.models.backbones import imagenet_pre_processor
 
 __all__ = [
     "EDC_IMAGE_SIZE",
@@ -57,9 +58,7 @@ EDC_IMAGE_SIZE = (256, 256)
 
 
 @lru_cache(maxsize=1)
-def _normalise_transform():
-    from simpleslicenet.models.backbones import imagenet_pre_processor
-
+def _normalise_transform():  # noqa: ANN202
     return imagenet_pre_processor(None).transform
 
 

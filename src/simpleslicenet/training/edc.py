@@ -29,10 +29,10 @@ learning rate 5e-5, decoder 5e-4, constant learning rates, gradients clipped to 
 as EDC rebuilds ResNet layer1–3 from layer4; they cover the stages SimpleSliceNet and the slice-wise
 models read.
 
-The run is resumable: every ``checkpoint_every`` steps encoder, decoder, optimiser and history are
-saved; rerunning with the same settings and data continues from the last saved step and gives the same
-weights as an uninterrupted run (bit for bit on the CPU). A finished run can be extended by asking for
-more ``steps``.
+This module holds the run's settings and its network. The Lightning module that trains it is
+:class:`~simpleslicenet.training.edc_module.EDCModule`; :func:`~simpleslicenet.training.edc_run.train_edc`
+runs it with a Lightning ``Trainer`` (``max_steps``, ``gradient_clip_val``, ``ModelCheckpoint``, resume
+with ``ckpt_path``).
 
 Example:
     >>> from simpleslicenet.training import EDCSettings, load_normal_slices, train_edc
@@ -47,43 +47,34 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import logging
-import math
 import os
-import platform
-import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import timm
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from simpleslicenet.training.data import NormalSlices
-from simpleslicenet.training.decoder import FeatureDecoder
-from simpleslicenet.training.outputs import (
-    check_encoder_weights,
-    load_checkpoint,
-    output_paths,
-    save_checkpoint,
-    save_encoder_weights,
-    write_loss_curve,
-    write_summary,
+from simpleslicenet.models.backbones import (
+    OFFLINE_IMAGENET_BACKBONES,
+    BackboneWeightsError,
+    load_imagenet_state_dict,
+    load_weights_file,
+    resolve_out_indices,
 )
+from simpleslicenet.training.decoder import FeatureDecoder
 
 __all__ = [
     "EDCNetwork",
-    "EDCResult",
     "EDCResumeError",
     "EDCSettings",
+    "LossTerms",
     "global_cosine_distance",
     "initial_encoder_state",
-    "train_edc",
+    "state_fingerprint",
 ]
-
-logger = logging.getLogger(__name__)
 
 
 class EDCResumeError(RuntimeError):
@@ -167,19 +158,10 @@ def initial_encoder_state(backbone: str, weights: str | os.PathLike) -> dict[str
     Raises:
         BackboneWeightsError: If ImageNet weights cannot be obtained or the file cannot be read.
     """
-    from simpleslicenet.models.backbones import (
-        OFFLINE_IMAGENET_BACKBONES,
-        BackboneWeightsError,
-        load_imagenet_state_dict,
-        load_weights_file,
-    )
-
     if str(weights) != "imagenet":
         return load_weights_file(weights)
     if backbone in OFFLINE_IMAGENET_BACKBONES:
         return load_imagenet_state_dict(backbone)
-    import timm
-
     try:
         return timm.create_model(backbone, pretrained=True).state_dict()
     except Exception as error:
@@ -190,7 +172,8 @@ def initial_encoder_state(backbone: str, weights: str | os.PathLike) -> dict[str
         raise BackboneWeightsError(msg) from error
 
 
-def _state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-1 of a state dict's names and values; a resumed run must start from the same weights."""
     digest = hashlib.sha1()
     for key in sorted(state):
         digest.update(key.encode())
@@ -228,10 +211,6 @@ class EDCNetwork(nn.Module):
 
     def __init__(self, settings: EDCSettings, encoder_state: Mapping[str, torch.Tensor]) -> None:
         super().__init__()
-        import timm
-
-        from simpleslicenet.models.backbones import BackboneWeightsError, resolve_out_indices
-
         # The whole model (not a features_only wrapper) keeps timm's own parameter names, so its
         # state dict is the weights file; exportable=True as in the models' feature extractors.
         self.encoder = timm.create_model(settings.backbone, pretrained=False, exportable=True)
@@ -309,10 +288,6 @@ class EDCNetwork(nn.Module):
         finally:
             self.train(was_training)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Encoder and decoder parameters (the frozen copy has none)."""
-        return [p for p in self.parameters() if p.requires_grad]
-
     def make_optimizer(self, settings: EDCSettings) -> torch.optim.Optimizer:
         """AdamW with EDC's two learning rates: a low one for the encoder, a higher one for the decoder."""
         return torch.optim.AdamW(
@@ -323,210 +298,3 @@ class EDCNetwork(nn.Module):
             lr=settings.lr_decoder,
             weight_decay=settings.weight_decay,
         )
-
-
-@dataclass
-class EDCResult:
-    """What :func:`train_edc` produced.
-
-    Attributes:
-        weights: The encoder weights file (``backbone_weights=`` of the models).
-        checkpoint: The resume checkpoint.
-        loss_curve: The loss curve PNG.
-        summary: The JSON summary.
-        steps: Steps trained in total.
-        resumed_from: Step the run continued from (0: fresh start).
-        history: ``loss`` per step, ``stage_loss`` per step, ``drift_step``/``drift``, ``anchor``.
-    """
-
-    weights: Path
-    checkpoint: Path
-    loss_curve: Path
-    summary: Path
-    steps: int
-    resumed_from: int
-    history: dict[str, list] = field(default_factory=dict)
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _check_resume(saved: Mapping[str, Any], expected: Mapping[str, Any], path: Path) -> None:
-    differences = [
-        f"{name}: checkpoint {saved.get(name)!r}, now {value!r}"
-        for name, value in expected.items()
-        if saved.get(name) != value
-    ]
-    if differences:
-        msg = (
-            f"{path}: checkpoint of a different run ({'; '.join(differences)}). Use the same settings and data "
-            "to resume, or pass --restart (restart=True) to start again."
-        )
-        raise EDCResumeError(msg)
-
-
-def _empty_history() -> dict[str, list]:
-    return {"loss": [], "stage_loss": [], "anchor": [], "drift_step": [], "drift": []}
-
-
-def train_edc(
-    slices: NormalSlices,
-    out: str | os.PathLike,
-    settings: EDCSettings | None = None,
-    *,
-    checkpoint_every: int = 100,
-    drift_every: int = 50,
-    device: str = "auto",
-    restart: bool = False,
-    progress: bool = True,
-    on_step: Callable[[int, float], None] | None = None,
-) -> EDCResult:
-    """Fine-tune ``settings.backbone`` with EDC on ``slices`` and write the encoder weights to ``out``.
-
-    Args:
-        slices: Normal training slices (:func:`~simpleslicenet.training.data.load_normal_slices`).
-        out: Encoder weights file, ``.pth``/``.pt`` or ``.safetensors``; the checkpoint, loss curve and
-            summary go beside it (:func:`~simpleslicenet.training.outputs.output_paths`).
-        settings: Run settings; ``None`` for EDC's Br35H defaults.
-        checkpoint_every: Save the resume checkpoint (and redraw the loss curve) every this many steps.
-        drift_every: Measure the drift from the starting encoder every this many steps.
-        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ... A run resumes bit for bit on
-            the same CPU set-up; GPU kernels may differ in the last bits.
-        restart: Ignore an existing checkpoint and start from the starting weights.
-        progress: Show a tqdm progress bar.
-        on_step: Called as ``on_step(step, loss)`` after each step (and after its checkpoint, if any).
-
-    Returns:
-        Paths of the written files and the loss history.
-
-    Raises:
-        EDCResumeError: If a checkpoint beside ``out`` belongs to another run or is past ``settings.steps``.
-        BackboneWeightsError: If the starting weights cannot be had or the written file does not load strictly.
-        ValueError: For an invalid output name or stage list.
-    """
-    from tqdm.auto import tqdm
-
-    settings = settings or EDCSettings()
-    if checkpoint_every < 1 or drift_every < 1:
-        msg = f"checkpoint_every and drift_every must be positive, got {checkpoint_every}, {drift_every}"
-        raise ValueError(msg)
-    paths = output_paths(Path(out))
-    run_device = _resolve_device(device)
-    start_state = initial_encoder_state(settings.backbone, settings.backbone_weights)
-    network = EDCNetwork(settings, start_state)
-    key = {
-        "settings": settings.resume_key(),
-        "weights_sha1": _state_fingerprint(start_state),
-        "data_sha1": slices.fingerprint(),
-        "n_slices": len(slices),
-    }
-    del start_state
-    network.to(run_device)
-    optimizer = network.make_optimizer(settings)
-    history, start_step, seconds = _empty_history(), 0, 0.0
-    if paths["checkpoint"].exists() and not restart:
-        saved = load_checkpoint(paths["checkpoint"])
-        _check_resume(saved["key"], key, paths["checkpoint"])
-        if saved["step"] > settings.steps:
-            msg = f"{paths['checkpoint']}: already at step {saved['step']}, more than steps={settings.steps}; pass --restart"
-            raise EDCResumeError(msg)
-        network.encoder.load_state_dict(saved["encoder"])
-        network.decoder.load_state_dict(saved["decoder"])
-        optimizer.load_state_dict(saved["optimizer"])
-        history, start_step, seconds = saved["history"], int(saved["step"]), float(saved["seconds"])
-        logger.info("EDC: resuming %s from step %d", paths["checkpoint"], start_step)
-    title = f"EDC {settings.backbone}, {len(slices)} slices {slices.image_size[0]}×{slices.image_size[1]}"
-
-    def checkpoint(step: int) -> None:
-        save_checkpoint(
-            paths["checkpoint"],
-            {
-                "key": key,
-                "step": step,
-                "seconds": seconds,
-                "encoder": network.encoder.state_dict(),
-                "decoder": network.decoder.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "history": history,
-            },
-        )
-        write_loss_curve(history, paths["loss_curve"], title)
-
-    network.train()
-    bar = tqdm(total=settings.steps, initial=start_step, desc="EDC", unit="step", disable=not progress, dynamic_ncols=True)
-    parameters = network.trainable_parameters()
-    for step in range(start_step, settings.steps):
-        began = time.perf_counter()
-        images = slices.batch(slices.indices_for_step(step, settings.batch_size, settings.seed)).to(run_device)
-        terms = network(images)
-        if not math.isfinite(float(terms.loss.detach())):
-            msg = f"EDC: loss became {float(terms.loss.detach())} at step {step + 1}; lower the learning rates"
-            raise FloatingPointError(msg)
-        optimizer.zero_grad(set_to_none=True)
-        terms.loss.backward()
-        if settings.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
-        optimizer.step()
-        done = step + 1
-        loss = float(terms.loss.detach())
-        history["loss"].append(loss)
-        history["stage_loss"].append(terms.stage_losses)
-        history["anchor"].append(terms.anchor)
-        if done % drift_every == 0 or done == settings.steps:
-            history["drift_step"].append(done)
-            history["drift"].append(network.drift(images))
-        seconds += time.perf_counter() - began
-        if done % checkpoint_every == 0 or done == settings.steps:
-            checkpoint(done)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        if on_step is not None:
-            on_step(done, loss)
-    bar.close()
-    if start_step == settings.steps:
-        write_loss_curve(history, paths["loss_curve"], title)
-
-    save_encoder_weights(
-        network.encoder.state_dict(),
-        paths["weights"],
-        metadata={"backbone": settings.backbone, "method": "EDC", "steps": str(settings.steps)},
-    )
-    n_tensors = check_encoder_weights(paths["weights"], settings.backbone)
-    tail = history["loss"][-min(50, len(history["loss"])) :]
-    write_summary(
-        paths["summary"],
-        {
-            "method": "EDC (Guo et al., IEEE TMI 2023)",
-            "weights": paths["weights"].name,
-            "tensors": n_tensors,
-            "settings": dataclasses.asdict(settings),
-            "stage_indices": list(network.stage_indices),
-            "bottleneck_index": network.bottleneck_index,
-            "data": {"source": slices.source, "n_slices": len(slices), "image_size": list(slices.image_size), "sha1": key["data_sha1"]},
-            "starting_weights_sha1": key["weights_sha1"],
-            "steps": settings.steps,
-            "resumed_from": start_step,
-            "train_seconds": seconds,
-            "device": str(run_device),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "machine": platform.machine(),
-            "first_loss": history["loss"][0] if history["loss"] else None,
-            "final_loss_mean_last_50": sum(tail) / len(tail) if tail else None,
-            "final_drift": history["drift"][-1] if history["drift"] else None,
-            "history": history,
-        },
-    )
-    return EDCResult(
-        weights=paths["weights"],
-        checkpoint=paths["checkpoint"],
-        loss_curve=paths["loss_curve"],
-        summary=paths["summary"],
-        steps=settings.steps,
-        resumed_from=start_step,
-        history=history,
-    )
-

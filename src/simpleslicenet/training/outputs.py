@@ -6,7 +6,8 @@ previous file or the complete new one. For an output ``encoder.pth`` the run wri
 * ``encoder.pth`` (or ``.safetensors``): the plain ``state_dict`` of the whole timm model, every tensor
   named as ``timm.create_model(backbone)`` names it, so it loads strictly into that model and into any
   ``features_only`` extractor of it (``backbone_weights="encoder.pth"``);
-* ``encoder.edc-checkpoint.pt``: encoder, decoder, optimiser, step and loss history, to resume from;
+* ``encoder.edc-checkpoint.pt``: the Lightning checkpoint (encoder, decoder, optimiser, step, loss history)
+  to resume from;
 * ``encoder_loss.png``: the loss curve (and the encoder's drift from its starting features);
 * ``encoder_edc.json``: settings, data, timings and the loss history.
 
@@ -24,23 +25,22 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 
 from simpleslicenet.atomic import atomic_path, atomic_write_text
+from simpleslicenet.models.backbones import BackboneWeightsError, load_weights_file
 
 __all__ = [
     "WEIGHT_SUFFIXES",
     "check_encoder_weights",
-    "load_checkpoint",
     "output_paths",
-    "save_checkpoint",
     "save_encoder_weights",
     "write_loss_curve",
     "write_summary",
 ]
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
-CHECKPOINT_FORMAT = "simpleslicenet-edc-checkpoint-v1"
 
 
 def output_paths(out: Path) -> dict[str, Path]:
@@ -100,10 +100,6 @@ def check_encoder_weights(path: Path, backbone: str) -> int:
     Raises:
         BackboneWeightsError: If keys are missing, unexpected, or of the wrong shape.
     """
-    import timm
-
-    from simpleslicenet.models.backbones import BackboneWeightsError, load_weights_file
-
     state = load_weights_file(path)
     own = timm.create_model(backbone, pretrained=False).state_dict()
     missing = sorted(set(own) - set(state))
@@ -116,29 +112,6 @@ def check_encoder_weights(path: Path, backbone: str) -> int:
         )
         raise BackboneWeightsError(msg)
     return len(state)
-
-
-def save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
-    """Write the resume checkpoint (tensors, numbers, strings and lists only)."""
-    with atomic_path(path) as tmp:
-        torch.save({"format": CHECKPOINT_FORMAT, **payload}, tmp)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a resume checkpoint written by :func:`save_checkpoint` (``weights_only``: no code runs).
-
-    Raises:
-        ValueError: If the file is not such a checkpoint.
-    """
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        msg = f"{path}: cannot read the EDC checkpoint ({error}); delete it or pass --restart"
-        raise ValueError(msg) from error
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        msg = f"{path}: not an EDC checkpoint of this version; delete it or pass --restart"
-        raise ValueError(msg)
-    return payload
 
 
 def _moving_average(values: list[float], window: int) -> list[float]:
