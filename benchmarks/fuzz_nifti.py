@@ -4,7 +4,11 @@ Every case starts from a small valid scan (NIfTI-1 and NIfTI-2, little- and big-
 types, orientations, scaling, extensions, a 4-D singleton) and damages it in one way of one family:
 
 ``byte_flip``, ``compressed_flip``, ``truncate_nii``, ``truncate_gz``, ``header_field``, ``extension``,
-``endianness``, ``container``, ``voxel_values``, ``mask_mismatch``, ``resample``.
+``endianness``, ``container``, ``voxel_values``, ``mask_mismatch``, ``resample``, and ``contradiction``:
+files that parse but contradict themselves (an extension flag with no room before the data, an extension
+declaring gigabytes, an affine whose voxel sizes differ from the header's by orders of magnitude, voxel
+sizes of micrometres or less, a constant scan that resampling would give a zero edge). A contradiction
+must be refused: loading one counts as ``insane``.
 
 It is then read with :func:`simpleslicenet.data.nifti.read_nifti` (or :func:`read_mask` against its
 scan; some cases with resampling). The bar: every case ends in a sane load (float32, 3-D, finite,
@@ -145,6 +149,7 @@ class Case:
         path: The file to read.
         scan: For mask cases, the valid scan the mask must match; else ``None``.
         spacing_mm: Resample on reading, or ``None``.
+        must_refuse: The file contradicts itself: any load is wrong.
     """
 
     family: str
@@ -152,6 +157,7 @@ class Case:
     path: Path
     scan: Path | None = None
     spacing_mm: float | None = None
+    must_refuse: bool = False
 
 
 def _flip(data: bytes, rng: random.Random, count: int, region: tuple[int, int] | None = None) -> bytes:
@@ -303,6 +309,36 @@ def _voxel_values(rng: random.Random, base: Base) -> tuple[bytes, str]:
     return bytes(raw), choice
 
 
+def _contradiction(rng: random.Random, base: Base) -> tuple[bytes, str, float | None]:
+    """A file that parses but says two incompatible things; returns ``(raw, operation, spacing_mm)``."""
+    header, data = base.raw[: base.header_size], base.raw[base.data_offset :]
+    choice = rng.choice(["flag_without_room", "huge_extension", "affine_scale", "micro_voxels", "constant_resampled"])
+    if choice == "flag_without_room":
+        raw = _set_field(header + b"\x01\x00\x00\x00" + data, base, "vox_offset", base.header_size + 4)
+        return raw, choice, None
+    if choice == "huge_extension":
+        esize = rng.choice([2**31 - 16, 1 << 30, 1 << 24])
+        block = struct.pack(f"{base.endian}ii", esize, 6) + b"comment\x00"
+        raw = _set_field(header + b"\x01\x00\x00\x00" + block + data, base, "vox_offset", base.header_size + 4 + 16)
+        return raw, f"{choice} esize={esize}", None
+    if choice == "affine_scale":
+        # One voxel axis of the sform scaled as a whole: its length no longer matches the header's voxel size.
+        factor, axis = rng.choice([1e-38, 1e-6, 1e-3, 1e3, 1e6]), rng.randrange(3)
+        raw = _set_field(base.raw, base, "sform_code", 1)
+        for row in ("srow_x", "srow_y", "srow_z"):
+            field_dtype, offset = _fields(base)[row]
+            values = np.frombuffer(raw[offset : offset + field_dtype.itemsize], dtype=field_dtype.newbyteorder(base.endian))
+            raw = _set_field(raw, base, row, float(values[0][axis]) * factor, axis)
+        return raw, f"{choice} axis {axis} × {factor:g}", None
+    if choice == "micro_voxels":
+        size = rng.choice([1e-6, 1e-9, 1e-4])
+        raw = _set_field(_set_field(base.raw, base, "qform_code", 0), base, "sform_code", 0)
+        return _set_field(raw, base, "pixdim", size, rng.randrange(1, 4)), f"{choice} {size:g} mm", None
+    voxels = np.frombuffer(data, dtype=_data_dtype(base)).copy()
+    voxels[:] = 7
+    return header + base.raw[base.header_size : base.data_offset] + voxels.tobytes(), choice, rng.choice([0.7, 1.5, 3.0])
+
+
 def _data_dtype(base: Base) -> np.dtype:
     code = struct.unpack(f"{base.endian}h", base.raw[70:72] if base.header_size == 348 else base.raw[12:14])[0]
     return np.dtype(nib.nifti1.data_type_codes.dtype[code]).newbyteorder(base.endian)
@@ -439,6 +475,8 @@ def case_from(family: str, rng: random.Random, corpus: list[Base], folder: Path,
         raw, operation = _endianness(rng, base)
     elif family == "voxel_values":
         raw, operation = _voxel_values(rng, base)
+    elif family == "contradiction":
+        raw, operation, spacing = _contradiction(rng, base)
     elif family == "resample":
         spacing = rng.choice([0.5, 1.0, 1.5, 3.0, 4.0])
         field = rng.choice(["pixdim", "srow_x", "srow_y", "srow_z", None])
@@ -457,12 +495,12 @@ def case_from(family: str, rng: random.Random, corpus: list[Base], folder: Path,
         path = _write(folder / f"{stem}.nii.gz", gzip.compress(raw))
     else:
         path = _write(folder / f"{stem}.nii", raw)
-    return Case(family, f"{base.name}: {operation}", path, spacing_mm=spacing)
+    return Case(family, f"{base.name}: {operation}", path, spacing_mm=spacing, must_refuse=family == "contradiction")
 
 
 FAMILIES = (
     "byte_flip", "compressed_flip", "truncate_nii", "truncate_gz", "header_field", "extension", "endianness",
-    "container", "voxel_values", "mask_mismatch", "resample",
+    "container", "voxel_values", "mask_mismatch", "resample", "contradiction",
 )  # fmt: skip
 
 
@@ -503,6 +541,8 @@ def run_case(case: Case) -> tuple[str, str]:
         return ("refused" if named else "refused_unnamed"), error.problem[:120]
     except Exception as error:  # noqa: BLE001 - the point is to count these
         return f"raw:{type(error).__name__}", str(error)[:200]
+    if case.must_refuse:
+        return "insane", "loaded a file that contradicts itself"
     problem = _sane(image, geometry)
     return ("insane", problem) if problem else ("loaded", "")
 

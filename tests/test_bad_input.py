@@ -399,6 +399,37 @@ def _with_header(path: Path, data: np.ndarray, **fields: object) -> Path:
     return path
 
 
+def _extension(size: int) -> bytes:
+    """An extension's 8-byte (size, code) head declaring ``size`` bytes, with 8 bytes of content."""
+    return np.array([size, 6], dtype="<i4").tobytes() + b"comment\x00"
+
+
+def _with_extension_bytes(path: Path, extension: bytes, room: int | None = None) -> Path:
+    """A scan with the extension flag set, ``extension`` after it and the voxel data ``room`` bytes later."""
+    raw = bytearray(save(path.with_name("valid_" + path.name.replace(".gz", "")), brain()).read_bytes())
+    room = len(extension) if room is None else room
+    header = np.frombuffer(bytes(raw[:348]), dtype=nib.nifti1.header_dtype).copy()
+    header["vox_offset"] = 352 + room
+    body = bytes(header.tobytes()) + b"\x01\x00\x00\x00" + extension.ljust(room, b"\x00") + bytes(raw[352:])
+    path.write_bytes(gzip.compress(body) if path.name.endswith(".gz") else body)
+    return path
+
+
+def test_scans_with_real_extensions_are_read(tmp_path: Path) -> None:
+    image = nib.Nifti1Image(brain(), np.eye(4))
+    image.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"acquired at site 3" * 5))
+    for name in ("extended.nii", "extended.nii.gz"):
+        nib.save(image, tmp_path / name)
+        data, _ = read_nifti(tmp_path / name)
+        np.testing.assert_array_equal(data, brain().astype(np.float32))
+
+
+def test_constant_scan_is_refused_before_resampling_adds_an_edge(tmp_path: Path) -> None:
+    path = save(tmp_path / "constant_2mm.nii.gz", np.full(SHAPE, 40, dtype=np.int16), np.diag([2.0, 2.0, 2.0, 1.0]))
+    with pytest.raises(VolumeError, match="same value"):
+        read_nifti(path, spacing_mm=1.5)
+
+
 @pytest.mark.parametrize(
     ("name", "make", "problem"),
     [
@@ -412,6 +443,14 @@ def _with_header(path: Path, data: np.ndarray, **fields: object) -> Path:
         ("nan_voxels.nii.gz", lambda p: _with_header(p, brain(), pixdim=[1, np.nan, 1, 1, 1, 1, 1, 1]), "voxel sizes"),
         ("constant.nii.gz", lambda p: save(p, np.full(SHAPE, 40, dtype=np.int16)), "same value"),
         ("offset_zero.nii", lambda p: _with_header(p, brain(), vox_offset=0), "offset 0 lies inside the header"),
+        ("micro_voxels.nii.gz", lambda p: _with_header(p, brain(), pixdim=[1, 1e-6, 1, 1, 1, 1, 1, 1]), "below 0.01 mm"),
+        ("micro_affine.nii.gz", lambda p: _with_header(p, brain(), srow_x=[1e-38, 0, 0, 0]), "affine's voxel sizes .* below"),
+        ("wide_affine.nii", lambda p: _with_header(p, brain(), srow_x=[500, 0, 0, 0]), r"contradict the header's \(1 × 1 × 1 mm\)"),
+        ("flag_without_room.nii", lambda p: _with_extension_bytes(p, b""), "extension flag is set, but the voxel data offset"),
+        ("flag_without_room.nii.gz", lambda p: _with_extension_bytes(p, b""), "leaves no room for an extension"),
+        ("huge_extension.nii.gz", lambda p: _with_extension_bytes(p, _extension(2**31 - 16)), "declares 2,147,483,632 bytes"),
+        ("tiny_extension.nii", lambda p: _with_extension_bytes(p, _extension(8)), "declares 8 bytes"),
+        ("short_extension.nii", lambda p: _with_extension_bytes(p, _extension(64), room=32), "declares 64 bytes, but 32"),
     ],
 )
 def test_refused_with_the_problem_named(tmp_path: Path, name: str, make, problem: str) -> None:  # noqa: ANN001

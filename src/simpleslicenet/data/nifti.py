@@ -6,9 +6,10 @@ that names the file and the problem; no other exception type leaves the read fun
 file. Reading goes in two stages:
 
 1. :func:`read_header` opens the file and checks everything the header promises before a single
-   voxel is read: a regular ``.nii``/``.nii.gz`` file, a NIfTI-1 or NIfTI-2 header, 3-D data (or 4-D
-   with one volume), a real-valued data type, positive finite voxel sizes, a finite non-singular
-   affine, no more voxels than :func:`max_voxels` allows, and (uncompressed files) enough bytes.
+   voxel is read: a regular ``.nii``/``.nii.gz`` file, a NIfTI-1 or NIfTI-2 header, extensions that fit
+   before the voxel data, 3-D data (or 4-D with one volume), a real-valued data type, voxel sizes of at
+   least 10 µm, a finite non-singular affine that agrees with them, no more voxels than
+   :func:`max_voxels` allows, and (uncompressed files) enough bytes.
 2. The voxel data is read (at most the bytes the header names, so a damaged compressed file costs no
    more memory than it really holds), scaled, converted to float32, optionally resampled (the
    resampled grid is held to the same voxel limit first) and reoriented to RAS.
@@ -25,7 +26,7 @@ import itertools
 import os
 import stat
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,13 @@ MAX_VOXELS_ENV = "SIMPLESLICENET_MAX_VOXELS"
 
 # Affines whose axes are this close to coplanar (|det| over the product of the axis lengths) are singular.
 _MIN_AXIS_INDEPENDENCE = 1e-6
+# Voxel sizes below 10 µm belong to no MRI scan: a header that says so is damaged.
+MIN_VOXEL_MM = 0.01
+# The affine's voxel sizes may differ from the header's (an sform written after resampling), but a
+# factor of this size means one of them is wrong, and the scan would be read at the wrong scale.
+MAX_AFFINE_ZOOM_RATIO = 100.0
+# A header extension is an 8-byte (size, code) pair and its content, 16 bytes at the least.
+_MIN_EXTENSION_BYTES = 16
 # Resampling may make at most this many voxels per voxel of the file (16× finer along every axis):
 # more means the header's voxel sizes are wrong, and a tiny file would cost seconds and gigabytes.
 MAX_RESAMPLING_GROWTH = 16**3
@@ -232,11 +240,60 @@ def _image_class(path: Path) -> type[nib.Nifti1Image]:
     raise ValueError(msg)
 
 
+def _check_extensions(path: Path, image_class: type[nib.Nifti1Image]) -> None:
+    """Refuse header extensions that contradict the data offset, before nibabel reads (and trusts) them.
+
+    Each extension must fit between the header and the voxel data and hold the bytes it declares, read
+    in bounded chunks: a damaged size can neither shift the voxels nor make the reader allocate it.
+    """
+    header_class = image_class.header_class
+    header_bytes = header_class.template_dtype.itemsize
+    with _open_raw(path) as handle:
+        raw = handle.read(header_bytes + 4)
+        if len(raw) < header_bytes + 4 or raw[header_bytes : header_bytes + 1] == b"\x00":
+            return  # no extension flag: nothing follows the header but the data
+        header = header_class(raw[:header_bytes], check=False)
+        offset = float(header["vox_offset"])
+        start = header_bytes + 4
+        if not np.isfinite(offset) or offset < start + _MIN_EXTENSION_BYTES:
+            msg = (
+                f"the header's extension flag is set, but the voxel data offset ({offset:g}) leaves no room "
+                f"for an extension between byte {start} and the data"
+            )
+            raise VolumeError(path, msg)
+        if not _is_gzip(path) and offset > path.stat().st_size:
+            msg = f"voxel data offset {offset:g} lies past the end of the file ({path.stat().st_size:,} bytes)"
+            raise VolumeError(path, msg)
+        order = header.endianness
+        position, end = start, int(offset)
+        while end - position >= _MIN_EXTENSION_BYTES:
+            size = int(np.frombuffer(handle.read(8).ljust(8, b"\x00"), dtype=f"{order}i4")[0])
+            if size < _MIN_EXTENSION_BYTES or size > end - position:
+                msg = (
+                    f"header extension at byte {position} declares {size:,} bytes, but {end - position:,} "
+                    "lie between it and the voxel data"
+                )
+                raise VolumeError(path, msg)
+            remaining = size - 8
+            while remaining > 0:
+                chunk = handle.read(min(_READ_CHUNK, remaining))
+                if not chunk:
+                    msg = f"header extension at byte {position} runs past the end of the file"
+                    raise VolumeError(path, msg)
+                remaining -= len(chunk)
+            position += size
+
+
 def _load_header_image(path: Path) -> nib.Nifti1Image:
     try:
         with _quiet():
             image_class = _image_class(path)
+            _check_extensions(path, image_class)
             return image_class.from_filename(str(path), mmap=False)
+    except VolumeError:
+        raise
+    except MemoryError as error:
+        raise VolumeError(path, "not enough memory to read the header and its extensions") from error
     except Exception as error:  # nibabel, gzip and numpy raise many unrelated types for damaged headers
         raise VolumeError(path, f"not a readable NIfTI file ({type(error).__name__}: {error})") from error
 
@@ -287,10 +344,11 @@ def read_header(path: str | os.PathLike, max_voxels: int | None = None) -> Nifti
 
     Raises:
         VolumeError: Missing file, folder, link loop, pipe or device, wrong name, unreadable or
-            non-NIfTI header, more than 3-D data (4-D only with a single volume), a complex, RGB or
-            other non-real data type, non-positive or non-finite voxel sizes, a NaN/infinite or
-            singular affine, too many voxels, a data offset inside the header, or an uncompressed
-            file shorter than its header says.
+            non-NIfTI header, header extensions that do not fit before the voxel data, more than 3-D
+            data (4-D only with a single volume), a complex, RGB or other non-real data type,
+            non-positive, non-finite or sub-10-µm voxel sizes, a NaN/infinite or singular affine, an
+            affine whose voxel sizes contradict the header's by more than 100×, too many voxels, a
+            data offset inside the header, or an uncompressed file shorter than its header says.
     """
     path = Path(path)
     _check_path(path)
@@ -319,7 +377,20 @@ def _checked_header(path: Path, image: nib.Nifti1Image, max_voxels: int | None) 
     check_voxel_count(data_shape, path, "image", limit=max_voxels)
     if len(zooms) != 3 or not all(np.isfinite(z) and z > 0 for z in zooms):
         raise VolumeError(path, f"voxel sizes {zooms} in the header are not positive finite millimetres")
+    if min(zooms) < MIN_VOXEL_MM:
+        raise VolumeError(path, f"voxel sizes {zooms} in the header lie below {MIN_VOXEL_MM} mm: no MRI scan has them")
     affine = _checked_affine(path, image.affine)
+    lengths = np.linalg.norm(affine[:3, :3], axis=0)
+    if min(lengths) < MIN_VOXEL_MM:
+        raise VolumeError(path, f"the affine's voxel sizes ({_axis_lengths(affine)}) lie below {MIN_VOXEL_MM} mm")
+    ratios = lengths / np.asarray(zooms)
+    if ratios.max() > MAX_AFFINE_ZOOM_RATIO or ratios.min() < 1 / MAX_AFFINE_ZOOM_RATIO:
+        header_sizes = " × ".join(f"{z:.4g}" for z in zooms)
+        raise VolumeError(
+            path,
+            f"the affine's voxel sizes ({_axis_lengths(affine)}) contradict the header's ({header_sizes} mm) "
+            f"by more than {MAX_AFFINE_ZOOM_RATIO:g}×",
+        )
     first_data_byte = int(getattr(header, "single_vox_offset", 352))
     if offset < first_data_byte:
         # nibabel would read the header itself as voxels here.
@@ -424,17 +495,38 @@ def _resampled_grid(
     return (int(sizes[0]), int(sizes[1]), int(sizes[2])), affine
 
 
+def _check_scan_values(path: Path, data: np.ndarray) -> None:
+    """Refuse NaN or infinite voxels and an all-zero or constant scan.
+
+    Judged on the file's own voxels: resampling would add a zero edge to a constant scan and pass it.
+    """
+    if not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise VolumeError(path, f"contains {bad} NaN or infinite voxels")
+    low, high = float(data.min()), float(data.max())
+    if low == high == 0.0:
+        raise VolumeError(path, "all voxels are zero (empty scan)")
+    if low == high:
+        raise VolumeError(path, f"every voxel has the same value ({low:g}): a constant image, not a scan")
+
+
 def _read_canonical(
     header: NiftiHeader,
     spacing_mm: float | None,
     order: int,
     max_voxels: int | None,
+    check_values: Callable[[Path, np.ndarray], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int] | None]:
-    """Voxels of a checked header as a float32 RAS array, its affine, and the file shape if resampled."""
+    """Voxels of a checked header as a float32 RAS array, its affine, and the file shape if resampled.
+
+    ``check_values`` sees the file's voxels before anything is made of them.
+    """
     path = header.path
     try:
         with _quiet():
             data = _read_voxels(header)
+            if check_values is not None:
+                check_values(path, data)
             if not _needs_resampling(header, spacing_mm):
                 canonical = nib.orientations.apply_orientation(data, header._orientation)
                 return canonical, header.canonical_affine.copy(), None
@@ -469,15 +561,9 @@ def read_nifti(
             voxels, or an all-zero or constant scan.
     """
     header = read_header(path, max_voxels=max_voxels)
-    data, canonical_affine, file_shape = _read_canonical(header, spacing_mm, order=1, max_voxels=max_voxels)
-    if not np.isfinite(data).all():
-        bad = int((~np.isfinite(data)).sum())
-        raise VolumeError(header.path, f"contains {bad} NaN or infinite voxels")
-    low, high = float(data.min()), float(data.max())
-    if low == high == 0.0:
-        raise VolumeError(header.path, "all voxels are zero (empty scan)")
-    if low == high:
-        raise VolumeError(header.path, f"every voxel has the same value ({low:g}): a constant image, not a scan")
+    data, canonical_affine, file_shape = _read_canonical(
+        header, spacing_mm, order=1, max_voxels=max_voxels, check_values=_check_scan_values
+    )
     geometry = VolumeGeometry(
         original_shape=tuple(int(s) for s in data.shape),
         affine=header.affine.copy(),
