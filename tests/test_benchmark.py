@@ -97,3 +97,51 @@ def test_sweep_config_errors_name_the_file(tmp_path: Path) -> None:
     path.write_text("name: nothing\n")
     with pytest.raises(ValueError, match="empty.yaml"):
         load_sweep(path)
+
+
+def test_stopping_a_sweep_stops_its_running_child(phantom_root: Path, tmp_path: Path) -> None:
+    """SIGTERM to ``simpleslicenet benchmark`` ends the run it started too: no orphan trains on."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    config = {
+        "name": "stopped",
+        "output": str(tmp_path / "out"),
+        "seeds": [0],
+        "trainer": {"accelerator": "cpu", "max_epochs": 50},
+        "datasets": {
+            "phantom": {
+                "class_path": "BrainPhantom",
+                "init_args": {"root": str(phantom_root), "target_shape": [32, 32, 16], "progress": False, **PHANTOM_KWARGS},
+            }
+        },
+        "models": {"AE3D": {"init_args": {"sigma": 1.0}}},
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "simpleslicenet.cli", "benchmark", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        children: list[psutil.Process] = []
+        while not children and time.monotonic() < deadline and parent.poll() is None:
+            time.sleep(0.2)
+            children = psutil.Process(parent.pid).children(recursive=True)
+        assert children, "the sweep started no run"
+        parent.send_signal(signal.SIGTERM)
+        status = parent.wait(timeout=60)
+        _, alive = psutil.wait_procs(children, timeout=5)
+        for child in alive:
+            child.kill()
+        assert not alive, f"left running: {[child.pid for child in alive]}"
+        assert status == 128 + signal.SIGTERM  # the sweep ends as the signal's default action would
+    finally:
+        if parent.poll() is None:
+            parent.kill()

@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from typing import Any
 from simpleslicenet.atomic import atomic_path, atomic_write_text
 from simpleslicenet.choices import check_choice
 
-__all__ = ["EXECUTORS", "ExecutorSettings", "RunOutcome", "execute_runs", "ray_run", "run_in_process"]
+__all__ = ["EXECUTORS", "ExecutorSettings", "RunOutcome", "execute_runs", "ray_run", "run_in_process", "stops_with_this_process"]
 
 EXECUTORS = ("local", "ray")
 # Files of a run folder bigger than this stay on the worker when outputs are not shared (checkpoints).
@@ -126,6 +127,10 @@ class RunOutcome:
     error: str | None = None
 
 
+# Seconds a run's process has to end after the sweep asks it to stop, before it is killed.
+CHILD_GRACE_S = 30.0
+
+
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     # PatchCore's coreset loop grows glibc's heap without bound on CPU unless large blocks are mmapped;
@@ -149,12 +154,47 @@ def run_in_process(spec: dict, runs_dir: Path) -> int:
     spec_path = runs_dir / f"{run_id}.spec.json"
     atomic_write_text(spec_path, json.dumps(spec, indent=2))
     with (runs_dir / f"{run_id}.log").open("w") as log:
-        return subprocess.call(
+        child = subprocess.Popen(
             [sys.executable, "-m", "simpleslicenet.benchmark.single_run", str(spec_path), str(runs_dir / f"{run_id}.json")],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=_child_env(),
         )
+        with stops_with_this_process(child):
+            return child.wait()
+
+
+@contextmanager
+def stops_with_this_process(child: subprocess.Popen, grace_s: float = CHILD_GRACE_S) -> Iterator[None]:
+    """While inside, a SIGTERM to this process (or any exception, Ctrl+C included) stops ``child`` too.
+
+    Without it a stopped sweep leaves its running child behind as an orphan that trains on. The child
+    gets SIGTERM and ``grace_s`` seconds to end, then SIGKILL; this process then exits with status
+    128 + 15, as the signal's default action would have it.
+
+    Args:
+        child: The started child process.
+        grace_s: Seconds the child has to end after SIGTERM.
+    """
+
+    def stop(signum: int, frame: object) -> None:
+        del frame
+        raise SystemExit(128 + signum)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if in_main_thread else None
+    try:
+        yield
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
 
 
 def _outcome(spec: dict, runs_dir: Path, exit_code: int | None) -> RunOutcome:
