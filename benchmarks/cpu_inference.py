@@ -49,7 +49,7 @@ import torch
 from simpleslicenet import __version__
 from simpleslicenet.atomic import atomic_write_text
 from simpleslicenet.data.dataset import volume_to_batch
-from simpleslicenet.data.geometry import crop_or_pad, crop_start_for
+from simpleslicenet.data.geometry import brain_bounding_box, centred_start, crop_or_pad
 from simpleslicenet.data.phantom import generate_subject
 from simpleslicenet.data.volume import VolumePreprocessing, scale_intensity
 from simpleslicenet.deploy import VolumeInferencer
@@ -72,7 +72,7 @@ def phantom_stack(size: tuple[int, int, int]) -> np.ndarray:
     subject = generate_subject(0, lesion=True, spacing_mm=1.0)
     brain = subject.brain_mask.astype(bool)
     image = scale_intensity(subject.image, brain, mode="percentile")
-    start = crop_start_for(image.shape, size, brain)
+    start = centred_start(brain_bounding_box(brain), size)
     batch = volume_to_batch(crop_or_pad(image, start, size), brain_mask=crop_or_pad(brain, start, size))
     return batch.image.numpy()
 

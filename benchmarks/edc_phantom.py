@@ -46,7 +46,7 @@ METRICS = {
 }
 # The quick check: a phantom the tests use, one seed, a few EDC steps, one short epoch.
 QUICK_DATASET = {"n_healthy": 4, "n_lesion": 3, "spacing_mm": 4.0, "target_shape": [32, 32, 16]}
-QUICK_MODEL = {"flow_blocks": 2, "features_per_step": 256, "smoothing_sigma": 1.0}
+QUICK_MODEL = {"flow_blocks": 2, "smoothing_sigma": 1.0}
 
 
 def _sweep_entry(config_path: Path) -> tuple[str, dict, dict, dict, list[int]]:

@@ -60,7 +60,7 @@ STEPS = (
     ("brain mask from intensity", "data/volume.py", "brain_mask_from_intensity", None),
     ("intensity scaling", "data/volume.py", "scale_intensity", None),
     ("crop / pad", "data/geometry.py", "crop_or_pad", "load_volume"),
-    ("slice stack", "data/dataset.py", "volume_to_batch", None),
+    ("slice stack", "data/slices.py", "slice_stack", None),
     ("graph", "deploy/inferencer.py", "run_slices", None),
     ("scoring", "models/scoring.py", "score_volumes", None),
     ("map back to scan space", "data/geometry.py", "to_scan", None),
@@ -166,9 +166,7 @@ def _find(stats: pstats.Stats, suffix: str, name: str) -> list[tuple]:
 def _timed_writer(module: object) -> list[float]:
     """Time the background writer of ``predict_paths`` (cProfile sees only the main thread)."""
     seconds: list[float] = []
-    write = getattr(module, "_write_outputs", None)
-    if write is None:
-        return seconds  # maps are written on the main thread: write_nifti's own figure says it
+    write = module.write_scan_outputs
 
     def timed(*args, **kwargs) -> None:  # noqa: ANN002, ANN003
         start = time.perf_counter()
@@ -177,7 +175,7 @@ def _timed_writer(module: object) -> list[float]:
         finally:
             seconds.append(time.perf_counter() - start)
 
-    module._write_outputs = timed
+    module.write_scan_outputs = timed
     return seconds
 
 
@@ -214,7 +212,7 @@ def profile_steps(model: Path, scans: list[Path], work: Path) -> dict:
         return total
 
     steps = {label: cumulative(suffix, name, caller) / count for label, suffix, name, caller in STEPS}
-    steps["waiting for the writer thread"] = cumulative("concurrent/futures/_base.py", "result", "predict_paths") / count
+    steps["waiting for the writer thread"] = cumulative("concurrent/futures/_base.py", "result", "submit") / count
     # The model is loaded once per batch (reported by start_up), not per scan.
     batch = (cumulative(*BATCH) - cumulative("deploy/inferencer.py", "__init__")) / count
     steps["other"] = max(0.0, batch - sum(steps.values()))

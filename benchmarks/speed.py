@@ -112,7 +112,8 @@ def run_case(case: dict) -> dict:
         torch.backends.cudnn.benchmark = True
     layers, embed_dim = BACKBONES[case["backbone"]]
     settings = SimpleSliceNetSettings(
-        backbone=case["backbone"], layers=layers, backbone_weights="random", embed_dim=embed_dim, variant="paper"
+        backbone=case["backbone"], layers=layers, backbone_weights="random", embed_dim=embed_dim, variant="paper",
+        slice_padding=0,
     )
     model = SimpleSliceNetModel(settings).to(device)
     memory_format = torch.channels_last if case["channels_last"] else torch.contiguous_format
