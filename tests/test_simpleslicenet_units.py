@@ -476,7 +476,7 @@ def test_scoring_smooths_within_the_brain_so_background_does_not_reach_it() -> N
     within = score_volumes(raw, brain, rows, VolumeScoring(map_reference="brain_median", smoothing_sigma=2.0))
     assert within.anomaly_map[brain].abs().max() < 1e-5  # the brain stays flat
     assert within.volume_scores[0].abs() < 1e-5
-    # Smoothed over the whole slab (as the graph does with smoothing_region="volume") the brain's edge lights up.
+    # Smoothed over the whole slab (as the paper variant's graph does) the brain's edge lights up.
     matrices = [gaussian_matrix(n, 2.0, 4.0, mode="reflect") for n in raw.shape]
     slab = score_volumes(apply_separable(raw, matrices), brain, rows, VolumeScoring(map_reference="brain_median"))
     assert slab.volume_scores[0] > 1.0

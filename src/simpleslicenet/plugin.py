@@ -20,7 +20,7 @@ It also adjusts the command line's runs, before their classes are instantiated:
   console handler, which print every message twice; the plain one is kept. Lightning's cloud-logger
   advertisement, its callback-override notice and its warning about the frozen backbone's eval mode are
   left out, and so are third-party deprecation warnings about their own code
-  (:func:`~simpleslicenet._anomalib_hook.quiet_third_party_warnings`).
+  (:func:`~simpleslicenet.quiet.quiet_third_party_warnings`).
 
 Example:
     >>> import simpleslicenet

@@ -153,28 +153,28 @@ def run_in_process(spec: dict, runs_dir: Path) -> int:
     run_id = spec["run_id"]
     spec_path = runs_dir / f"{run_id}.spec.json"
     atomic_write_text(spec_path, json.dumps(spec, indent=2))
-    with (runs_dir / f"{run_id}.log").open("w") as log:
+    with (runs_dir / f"{run_id}.log").open("w") as log, stops_with_this_process() as children:
         child = subprocess.Popen(
             [sys.executable, "-m", "simpleslicenet.benchmark.single_run", str(spec_path), str(runs_dir / f"{run_id}.json")],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=_child_env(),
         )
-        with stops_with_this_process(child):
-            return child.wait()
+        children.append(child)
+        return child.wait()
 
 
 @contextmanager
-def stops_with_this_process(child: subprocess.Popen, grace_s: float = CHILD_GRACE_S) -> Iterator[None]:
-    """While inside, a SIGTERM to this process (or any exception, Ctrl+C included) stops ``child`` too.
+def stops_with_this_process(grace_s: float = CHILD_GRACE_S) -> Iterator[list[subprocess.Popen]]:
+    """While inside, a SIGTERM to this process (or any exception, Ctrl+C included) stops the children too.
 
-    Without it a stopped sweep leaves its running child behind as an orphan that trains on. The child
-    gets SIGTERM and ``grace_s`` seconds to end, then SIGKILL; this process then exits with status
-    128 + 15, as the signal's default action would have it.
+    Yields the list to append each started child to. Without it a stopped sweep leaves its running child
+    behind as an orphan that trains on. Each child still running gets SIGTERM and ``grace_s`` seconds to
+    end, then SIGKILL; this process then exits with status 128 + 15, as the signal's default action would
+    have it. The handler is in place before a child starts and until every child has ended.
 
     Args:
-        child: The started child process.
-        grace_s: Seconds the child has to end after SIGTERM.
+        grace_s: Seconds a child has to end after SIGTERM.
     """
 
     def stop(signum: int, frame: object) -> None:
@@ -183,18 +183,22 @@ def stops_with_this_process(child: subprocess.Popen, grace_s: float = CHILD_GRAC
 
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, stop) if in_main_thread else None
+    children: list[subprocess.Popen] = []
     try:
-        yield
+        yield children
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-        if child.poll() is None:
-            child.terminate()
-            try:
-                child.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        try:
+            for child in children:
+                if child.poll() is None:
+                    child.terminate()
+                    try:
+                        child.wait(timeout=grace_s)
+                    except subprocess.TimeoutExpired:
+                        child.kill()
+                        child.wait()
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _outcome(spec: dict, runs_dir: Path, exit_code: int | None) -> RunOutcome:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import importlib
 
+from simpleslicenet.quiet import quiet_third_party_warnings
+
 # Public name -> the module that defines it.
 _LAZY = {
     "VolumeBatch": "simpleslicenet.data.batch",
@@ -45,6 +47,10 @@ _LAZY = {
 }
 
 __all__ = list(_LAZY)
+
+
+# The datamodules import anomalib and timm, whose imports warn about their own deprecated modules.
+quiet_third_party_warnings()
 
 
 def __getattr__(name: str):  # noqa: ANN202

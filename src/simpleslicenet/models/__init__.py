@@ -12,8 +12,12 @@ Example:
 from __future__ import annotations
 
 from simpleslicenet.models.registry import MODELS, get_model_class
+from simpleslicenet.quiet import quiet_third_party_warnings
 
 __all__ = list(MODELS)
+
+# The models import anomalib and timm, whose imports warn about their own deprecated modules.
+quiet_third_party_warnings()
 
 
 def __getattr__(name: str) -> type:

@@ -54,7 +54,8 @@ def _training_slices(datamodule: object) -> tuple[tuple[int, int] | None, float 
     shape = getattr(preprocessing, "target_shape", None)
     spacing = getattr(preprocessing, "spacing_mm", None)
     if shape is not None:
-        return (int(shape[0]), int(shape[1])), spacing
+        # The grid is (x, y, z); a slice is [y, x] (rows, columns).
+        return (int(shape[1]), int(shape[0])), spacing
     train_data = getattr(datamodule, "train_data", None)
     if train_data is not None and len(train_data) > 0:
         return tuple(int(n) for n in train_data[0].image.shape[-2:]), spacing
