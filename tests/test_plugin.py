@@ -40,7 +40,7 @@ def test_register_makes_short_names_known_to_anomalib() -> None:
 
 
 def test_cli_seed_true_draws_a_fresh_seed_and_an_integer_is_kept() -> None:
-    from simpleslicenet.plugin import _seed_before_instantiation
+    from simpleslicenet.plugin import _adjust_before_instantiation
 
     class FakeCLI:
         def __init__(self, seed: object) -> None:
@@ -49,7 +49,7 @@ def test_cli_seed_true_draws_a_fresh_seed_and_an_integer_is_kept() -> None:
         def before_instantiate_classes(self) -> None:
             pass
 
-    _seed_before_instantiation(FakeCLI)
+    _adjust_before_instantiation(FakeCLI)
     drawn = []
     for _ in range(3):
         cli = FakeCLI(True)

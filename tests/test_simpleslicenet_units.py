@@ -326,7 +326,7 @@ def test_training_features_of_brain_cells_only(tiny_model: SimpleSliceNetModel, 
     every, every_conditions = tiny_model.training_features(volume, [slice(0, 16)])
     kept, kept_conditions = tiny_model.training_features(volume, [slice(0, 16)], brain=brain)
     features = tiny_model.encoder(volume)
-    share = brain_cell_share(brain, features.shape[-2:], tiny_model.depth_window, tiny_model.depth_stride)
+    share = brain_cell_share(brain, features.shape[-2:], tiny_model.settings.depth_window, tiny_model.settings.depth_stride)
     inside = share.flatten() > 0
     assert 0 < inside.sum() < inside.numel()
     torch.testing.assert_close(kept, every[inside])
@@ -522,8 +522,8 @@ def test_settings_resolve_from_the_training_data_and_round_trip() -> None:
     resolved = settings.resolved((96, 104), 2.0)
     assert resolved.layers == ("blocks.1", "blocks.2") and resolved.smoothing_sigma == 2.0
     assert settings.resolved((192, 192), 1.0).layers == ("blocks.2", "blocks.4")
-    assert SimpleSliceNetSettings.from_hparams({**resolved.to_hparams(), "evaluator": True}) == resolved
-    assert resolved.to_hparams()["layers"] == ["blocks.1", "blocks.2"]
+    assert SimpleSliceNetSettings.from_hparams({**resolved.to_dict(), "evaluator": True}) == resolved
+    assert resolved.to_dict()["layers"] == ["blocks.1", "blocks.2"]
 
 
 # -------------------------------------------------------------------------------------- torch model
@@ -645,7 +645,7 @@ def test_paper_config_builds_the_papers_model() -> None:
     assert isinstance(model.loss, BoundaryGuidedSemiPushPullLoss)
     torch_model = model.model
     assert torch_model.encoder.layer_channels == [512, 1024] and torch_model.feature_dim == 512
-    assert torch_model.standardizer is None and not torch_model.depth_position
+    assert torch_model.standardizer is None and not torch_model.settings.depth_position
     flow: ConditionalFlow = torch_model.flow
     assert (flow.condition_dims, len(flow.inn.module_list), flow.inn.module_list[0].clamp) == (128, 8, 1.9)
     generator = torch_model.anomaly_map_generator

@@ -37,7 +37,7 @@ import random
 import warnings
 from typing import Any
 
-from simpleslicenet.quiet import quiet_lightning_messages, quiet_third_party_warnings
+from simpleslicenet.quiet import quiet_lightning_messages
 from simpleslicenet.data import datamodules
 from simpleslicenet.models.registry import MODELS, get_model_class
 
@@ -54,7 +54,6 @@ def register() -> None:
     global _registered  # noqa: PLW0603
     if _registered:
         return
-    quiet_third_party_warnings()
     anomalib_models = importlib.import_module("anomalib.models")
     anomalib_data = importlib.import_module("anomalib.data")
 
@@ -67,37 +66,12 @@ def register() -> None:
         cls = getattr(datamodules, name)
         if isinstance(cls, type) and issubclass(cls, anomalib_data.AnomalibDataModule):
             setattr(anomalib_data, name, cls)
-    cli_class = importlib.import_module("anomalib.cli.cli").AnomalibCLI
-    _seed_before_instantiation(cli_class)
-    _prepare_output_before_instantiation(cli_class)
+    _adjust_before_instantiation(importlib.import_module("anomalib.cli.cli").AnomalibCLI)
     _registered = True
 
 
 def _subcommand_config(cli: Any) -> Any:  # noqa: ANN401
     return cli.config.get(str(cli.config.get("subcommand")), cli.config)
-
-
-def _seed_before_instantiation(cli_class: type) -> None:
-    """Make ``cli_class`` honour ``--seed_everything`` (an int, or ``true`` for a random, logged seed)."""
-    original = cli_class.before_instantiate_classes
-    if getattr(original, "seeds", False):
-        return
-
-    def before_instantiate_classes(self) -> None:  # noqa: ANN001
-        from lightning.pytorch import seed_everything
-
-        config = _subcommand_config(self)
-        seed = config.get("seed_everything", True) if hasattr(config, "get") else True
-        if seed is not False:
-            if seed is True:  # Lightning's seed_everything(None) would pick 0 every time, not a fresh seed
-                seed = random.SystemRandom().randrange(2**31)
-                logger.info("seed_everything: %d (pass --seed_everything %d to repeat this run)", seed, seed)
-            # Models draw random weights at construction, so the seed must come before it.
-            config["seed_everything"] = seed_everything(int(seed), workers=True)
-        original(self)
-
-    before_instantiate_classes.seeds = True
-    cli_class.before_instantiate_classes = before_instantiate_classes
 
 
 def _class_path(config: Any, key: str) -> str:  # noqa: ANN401
@@ -153,25 +127,45 @@ _EXPECTED_LIGHTNING_WARNINGS = (
 )
 
 
-def _prepare_output_before_instantiation(cli_class: type) -> None:
-    """Give ``cli_class``'s runs of our classes a default logger and each console message once."""
+def _seed(config: Any) -> None:  # noqa: ANN401
+    """Seed as ``--seed_everything`` says (an int, or ``true`` for a random, logged seed)."""
+    from lightning.pytorch import seed_everything
+
+    seed = config.get("seed_everything", True) if hasattr(config, "get") else True
+    if seed is not False:
+        if seed is True:  # Lightning's seed_everything(None) would pick 0 every time, not a fresh seed
+            seed = random.SystemRandom().randrange(2**31)
+            logger.info("seed_everything: %d (pass --seed_everything %d to repeat this run)", seed, seed)
+        # Models draw random weights at construction, so the seed must come before it.
+        config["seed_everything"] = seed_everything(int(seed), workers=True)
+
+
+def _prepare_output(config: Any) -> None:  # noqa: ANN401
+    """For a run of our classes: a default logger, each console message once, the expected warnings left out."""
+    if not _runs_our_classes(config):
+        return
+    if default_logger_wanted(config):
+        config["trainer"]["logger"] = True
+        if config["trainer"].get("log_every_n_steps") is None:
+            # Lightning's default (50) exceeds an epoch of a few dozen volumes: no training curve.
+            config["trainer"]["log_every_n_steps"] = 1
+    use_one_console_handler()
+    for message, module in _EXPECTED_LIGHTNING_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, module=module)
+    quiet_lightning_messages()
+
+
+def _adjust_before_instantiation(cli_class: type) -> None:
+    """Make ``cli_class`` seed and prepare its output (see the module docstring) before it builds its classes."""
     original = cli_class.before_instantiate_classes
-    if getattr(original, "prepares_output", False):
+    if getattr(original, "adjusted", False):
         return
 
     def before_instantiate_classes(self) -> None:  # noqa: ANN001
         config = _subcommand_config(self)
-        if _runs_our_classes(config):
-            if default_logger_wanted(config):
-                config["trainer"]["logger"] = True
-                if config["trainer"].get("log_every_n_steps") is None:
-                    # Lightning's default (50) exceeds an epoch of a few dozen volumes: no training curve.
-                    config["trainer"]["log_every_n_steps"] = 1
-            use_one_console_handler()
-            for message, module in _EXPECTED_LIGHTNING_WARNINGS:
-                warnings.filterwarnings("ignore", message=message, module=module)
-            quiet_lightning_messages()
+        _prepare_output(config)
+        _seed(config)
         original(self)
 
-    before_instantiate_classes.prepares_output = True
+    before_instantiate_classes.adjusted = True
     cli_class.before_instantiate_classes = before_instantiate_classes

@@ -21,7 +21,7 @@ from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
 from lightning.pytorch.loggers import CSVLogger
 
-from simpleslicenet.quiet import quiet_lightning_messages, quiet_third_party_warnings
+from simpleslicenet.quiet import quiet_lightning_messages
 from simpleslicenet.atomic import atomic_write_text
 from simpleslicenet.benchmark.callbacks import ExampleDrawer, InferenceTimer
 from simpleslicenet.data import datamodules
@@ -58,7 +58,6 @@ def _export_size(engine, model, out_dir: Path) -> tuple[int | None, str | None]:
 
 def run_single(spec: dict, out_dir: Path) -> dict:
     """Fit, validate and test one (model, dataset, seed); return the result record."""
-    quiet_third_party_warnings()
     quiet_lightning_messages()
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(spec["seed"], workers=True)

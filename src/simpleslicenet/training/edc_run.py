@@ -33,7 +33,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from tqdm.auto import tqdm
 
-from simpleslicenet.quiet import quiet_lightning_messages, quiet_third_party_warnings
+from simpleslicenet.quiet import quiet_lightning_messages
 from simpleslicenet.atomic import atomic_path
 from simpleslicenet.training.data import NormalSlices
 from simpleslicenet.training.edc import EDCResumeError, EDCSettings, initial_encoder_state, state_fingerprint
@@ -185,7 +185,6 @@ def _fit(trainer: Trainer, module: EDCModule, batches: StepBatches, ckpt_path: P
     sigint = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
         with warnings.catch_warnings():
-            quiet_third_party_warnings()
             # The checkpoint lies beside the weights file, in a folder that usually holds other files.
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
             trainer.fit(module, train_dataloaders=batches, ckpt_path=ckpt_path, weights_only=True)

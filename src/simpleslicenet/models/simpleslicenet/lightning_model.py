@@ -254,7 +254,7 @@ class SimpleSliceNet(VolumeModelMixin, AnomalibModule):
             self.loss = create_loss(settings.loss)
         self.settings = settings
         self.scoring = settings.scoring()
-        self.hparams.update(settings.to_hparams())
+        self.hparams.update(settings.to_dict())
         logger.info("SimpleSliceNet settings: %s", settings)
 
     # ------------------------------------------------------------------------------- batch layout

@@ -207,10 +207,6 @@ class SimpleSliceNetSettings(SettingsRecord):
         """Whether ``other`` builds the same torch model (it may differ in smoothing, loss and learning rate)."""
         return all(getattr(self, name) == getattr(other, name) for name in GRAPH_SETTINGS)
 
-    def to_hparams(self) -> dict[str, Any]:
-        """Plain values as Lightning stores them (lists for stages)."""
-        return self.to_dict()
-
     @classmethod
     def from_hparams(cls, hparams: dict[str, Any]) -> SimpleSliceNetSettings:
         """The settings among a checkpoint's hyper-parameters (which also hold anomalib's own arguments)."""

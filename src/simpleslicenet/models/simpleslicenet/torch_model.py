@@ -73,10 +73,6 @@ class SimpleSliceNetModel(nn.Module):
             padding=max(strides) if settings.slice_padding == AUTO else int(settings.slice_padding),
             stride=min(strides),
         )
-        self.depth_window = settings.depth_window
-        self.depth_stride = settings.depth_stride
-        self.depth_position = settings.depth_position
-        self.volumetric = settings.volumetric
         self.feature_dim = self.encoder.out_dim
         # The paper's variant has no standardiser, so its state dict is the paper's model's.
         self.standardizer = FeatureStandardizer(self.feature_dim) if settings.standardize_features else None
@@ -117,7 +113,7 @@ class SimpleSliceNetModel(nn.Module):
         count, _, height, width = cells.shape
         code = positional_encoding_2d(CONDITION_DIM, height, width, device=cells.device).to(cells.dtype)
         code = code.unsqueeze(0).expand(count, -1, -1, -1)
-        if not self.depth_position:
+        if not self.settings.depth_position:
             return code
         if depth_positions is None:
             depth_code = cells.new_zeros(count, DEPTH_CONDITION_DIM)
@@ -128,8 +124,9 @@ class SimpleSliceNetModel(nn.Module):
 
     def volume_cells(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Depth cells ``[n, C, h, w]`` of one volume's slice features and their conditions."""
-        cells = aggregate_depth(features, self.depth_window, self.depth_stride)
-        centres = depth_cell_centres(features.shape[0], self.depth_window, self.depth_stride, device=features.device)
+        window, stride = self.settings.depth_window, self.settings.depth_stride
+        cells = aggregate_depth(features, window, stride)
+        centres = depth_cell_centres(features.shape[0], window, stride, device=features.device)
         return cells, self.conditions(cells, centres)
 
     @staticmethod
@@ -165,7 +162,7 @@ class SimpleSliceNetModel(nn.Module):
                 shares = None if brain is None else [brain_cell_share(brain, features.shape[-2:], window=1, stride=1)]
             else:
                 grids = [self.volume_cells(features[rows]) for rows in volumes]
-                depth = (self.depth_window, self.depth_stride)
+                depth = (self.settings.depth_window, self.settings.depth_stride)
                 shares = None if brain is None else [brain_cell_share(brain[rows], features.shape[-2:], *depth) for rows in volumes]
             rows = torch.cat([self.to_rows(cells) for cells, _ in grids])
             conditions = torch.cat([self.to_rows(condition) for _, condition in grids])
@@ -206,8 +203,8 @@ class SimpleSliceNetModel(nn.Module):
                 ``[N, 3, H, W]`` independent images.
         """
         if self.training:
-            return self.training_features(images, [slice(0, images.shape[0])] if self.volumetric else None)
-        if not self.volumetric:
+            return self.training_features(images, [slice(0, images.shape[0])] if self.settings.volumetric else None)
+        if not self.settings.volumetric:
             return self.predict_images(images)
         # The exported graph's outputs; brain restriction and volume scores follow outside it.
         anomaly_map = self.predict_volume(images)
