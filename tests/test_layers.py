@@ -25,6 +25,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "simpleslicenet._version",
         "simpleslicenet.atomic",
         "simpleslicenet.choices",
+        "simpleslicenet.executors",
         "simpleslicenet.records",
         "simpleslicenet.random_state",
         "simpleslicenet.quiet",
@@ -45,6 +46,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "simpleslicenet.preview",
         "simpleslicenet.scan_outputs",
         "simpleslicenet.visualization",
+        "simpleslicenet.reports",
     ),
     # Each model, backbones, the model table, export.
     4: ("simpleslicenet.models",),
@@ -64,6 +66,8 @@ DEFERRED = {
     ("simpleslicenet/models/registry.py", "simpleslicenet.models.slicewise"):
         "anomalib: the table is read at start-up, the wrappers load when an anomalib model is asked for",
     ("simpleslicenet/cli.py", "*"): "each subcommand loads only what it needs (torch and anomalib, SimpleITK)",
+    ("simpleslicenet/bids/__init__.py", "*"): "the command line builds its parser from bids.command without the models",
+    ("simpleslicenet/bids/command.py", "*"): "each BIDS command loads only what it needs (the reader, deploy, Ray)",
     ("simpleslicenet/data/phantom/__init__.py", "simpleslicenet.data.phantom.montage"):
         "matplotlib; the module also runs as a script (python -m)",
     ("simpleslicenet/training/command.py", "*"): "torch: the edc command's arguments are built without it",

@@ -5,6 +5,8 @@ and no temporary file is left behind when writing fails. Whole folders (a ``pred
 exported model) are built the same way in :func:`staged_directory`: a hidden staging folder beside
 the target that replaces it as a whole once complete, removed when anything fails or the process is
 interrupted (Ctrl-C or SIGTERM), and cleaned up by the next run if the process was killed.
+Child processes started under :func:`stops_with_this_process` end with their parent (a sweep's
+runs, the BIDS App's workers): a stopped parent leaves no orphan working on.
 
 Example:
     >>> import tempfile, pathlib
@@ -21,9 +23,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import uuid
@@ -35,11 +39,13 @@ __all__ = [
     "TEMP_PREFIX",
     "abandoned_paths",
     "atomic_path",
+    "atomic_write_json",
     "atomic_write_text",
     "recover_directory",
     "replace_directory",
     "signals_deferred",
     "staged_directory",
+    "stops_with_this_process",
     "terminate_unwinds",
 ]
 
@@ -83,6 +89,19 @@ def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = True
         tmp.write_text(text)
     return path
 
+
+def atomic_write_json(path: str | os.PathLike, data: object, overwrite: bool = True) -> Path:
+    """Write ``data`` as indented, strict JSON (never NaN or Infinity) to ``path`` atomically; returns ``path``.
+
+    Raises:
+        ValueError: ``data`` holds NaN or an infinite number (nothing is written).
+        TypeError: ``data`` holds something JSON cannot represent (nothing is written).
+    """
+    return atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n", overwrite=overwrite)
+
+
+# Seconds a child process has to end after this process asks it to stop, before it is killed.
+CHILD_GRACE_S = 30.0
 
 # renameat2(2) flag: swap two existing paths in one step (Linux 3.15+, on ext4, xfs, btrfs, tmpfs...).
 _RENAME_EXCHANGE = 2
@@ -241,3 +260,40 @@ def staged_directory(target: str | os.PathLike, tag: str) -> Iterator[Path]:
         finally:
             with signals_deferred():  # a second Ctrl-C must not cut the cleanup short
                 shutil.rmtree(staging, ignore_errors=True)  # nothing left after a success: it became the target
+
+
+@contextmanager
+def stops_with_this_process(grace_s: float = CHILD_GRACE_S) -> Iterator[list[subprocess.Popen]]:
+    """While inside, a SIGTERM to this process (or any exception, Ctrl+C included) stops the children too.
+
+    Yields the list to append each started child to. Without it a stopped sweep or BIDS run leaves its running
+    children behind as orphans that work on. Each child still running gets SIGTERM and ``grace_s`` seconds to
+    end, then SIGKILL; this process then exits with status 128 + 15, as the signal's default action would
+    have it. The handler is in place before a child starts and until every child has ended.
+
+    Args:
+        grace_s: Seconds a child has to end after SIGTERM.
+    """
+
+    def stop(signum: int, frame: object) -> None:
+        del frame
+        raise SystemExit(128 + signum)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if in_main_thread else None
+    children: list[subprocess.Popen] = []
+    try:
+        yield children
+    finally:
+        try:
+            for child in children:
+                if child.poll() is None:
+                    child.terminate()
+                    try:
+                        child.wait(timeout=grace_s)
+                    except subprocess.TimeoutExpired:
+                        child.kill()
+                        child.wait()
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

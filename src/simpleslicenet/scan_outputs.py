@@ -63,6 +63,8 @@ class ScanOutputs:
         brain: Brain mask (the preview's colour scale covers the brain only).
         lesion: True lesion mask, when known (outlined in the preview).
         title: The preview's title; default the name.
+        file_names: File name of each output (keys of :data:`OUTPUT_FILES`) where the default
+            ``NAME`` + suffix does not fit, e.g. the entity names of a BIDS derivatives dataset.
     """
 
     name: str
@@ -75,6 +77,7 @@ class ScanOutputs:
     brain: np.ndarray | None = None
     lesion: np.ndarray | None = None
     title: str | None = None
+    file_names: dict[str, str] | None = None
 
 
 def output_paths(folder: str | os.PathLike, outputs: ScanOutputs, preview: bool = False) -> dict[str, Path]:
@@ -85,7 +88,8 @@ def output_paths(folder: str | os.PathLike, outputs: ScanOutputs, preview: bool 
         "pvalue_map": outputs.pvalues is not None,
         "mask": outputs.mask is not None,
     }
-    return {key: Path(folder) / f"{outputs.name}{suffix}" for key, suffix in OUTPUT_FILES.items() if present[key]}
+    names = {key: f"{outputs.name}{suffix}" for key, suffix in OUTPUT_FILES.items()} | (outputs.file_names or {})
+    return {key: Path(folder) / names[key] for key in OUTPUT_FILES if present[key]}
 
 
 def write_scan_outputs(

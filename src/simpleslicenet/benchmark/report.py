@@ -1,4 +1,4 @@
-"""Sweep report: a CSV row per run, a markdown table (mean ± std over seeds) and PNG plots."""
+"""Sweep report: a CSV row per run, a markdown table (mean ± std over seeds), PNG plots, and one HTML page of it all."""
 
 from __future__ import annotations
 
@@ -9,9 +9,21 @@ import pandas as pd
 
 from simpleslicenet.atomic import atomic_path, atomic_write_text
 from simpleslicenet.metrics.calibrated import ks_uniform
+from simpleslicenet.reports import Cell, ReportSection, Table, render_sweep_report
 from simpleslicenet.training.selection import PROTOCOL_LABEL
 
-__all__ = ["CALIBRATED_COLUMNS", "TABLE_COLUMNS", "breakdown_frame", "calibration_check", "results_frame", "summary_table", "write_report"]
+__all__ = [
+    "CALIBRATED_COLUMNS",
+    "TABLE_COLUMNS",
+    "breakdown_frame",
+    "calibration_cells",
+    "calibration_check",
+    "report_sections",
+    "results_frame",
+    "summary_cells",
+    "summary_table",
+    "write_report",
+]
 
 # (column in the results frame, header in the table, digits)
 TABLE_COLUMNS = [
@@ -60,13 +72,17 @@ def results_frame(results: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def breakdown_frame(results: list[dict]) -> pd.DataFrame:
+def breakdown_frame(results: list[dict], frame: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per (run, lesion group) of the runs' :class:`~simpleslicenet.metrics.breakdown.MetricBreakdown`.
 
     The ``dataset`` column names the group too (``phantom · family: small``), so :func:`summary_table`
     compares the models within each group.
+
+    Args:
+        results: The runs' results.
+        frame: Their :func:`results_frame`, when already made (made here otherwise).
     """
-    frame = results_frame(results)
+    frame = results_frame(results) if frame is None else frame
     rows = []
     for result, (_, row) in zip(results, frame.iterrows(), strict=True):
         for group, values in (result.get("breakdown") or {}).items():
@@ -74,34 +90,37 @@ def breakdown_frame(results: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def summary_table(frame: pd.DataFrame, columns: list[tuple[str, str, int]] = TABLE_COLUMNS) -> str:
-    """Markdown table, one line per (dataset, model): mean ± std over seeds, best accuracy in bold."""
+def summary_cells(frame: pd.DataFrame, columns: list[tuple[str, str, int]] = TABLE_COLUMNS) -> Table:
+    """One row per (dataset, model): mean ± std over seeds, best accuracy in bold (the cells keep the means)."""
     columns = [c for c in columns if c[0] in frame.columns]
     header = ["dataset", "model", "seeds", *[c[1] for c in columns]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     groups = frame.groupby(["dataset", "label"], sort=False)
     best = {}
     for key, _name, _digits in (c for c in columns if c[0] in _HIGHER_IS_BETTER):
         means = groups[key].mean()
         best.update({(ds, key): means.xs(ds).max() for ds in means.index.get_level_values(0)})
+    rows = []
     for (dataset, label), group in groups:
-        cells = [dataset, label, str(len(group))]
+        cells = [Cell(str(dataset)), Cell(str(label)), Cell(str(len(group)), float(len(group)))]
         for key, _name, digits in columns:
             values = group[key].dropna().astype(float)
             if values.empty:
-                cells.append("–")
+                cells.append(Cell("–"))
                 continue
-            mean = values.mean()
+            mean = float(values.mean())
             text = f"{mean:.{digits}f}" + (f" ± {values.std(ddof=1):.{digits}f}" if len(values) > 1 else "")
-            if (dataset, key) in best and np.isclose(mean, best[(dataset, key)]):
-                text = f"**{text}**"
-            cells.append(text)
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+            cells.append(Cell(text, mean, bool((dataset, key) in best and np.isclose(mean, best[(dataset, key)]))))
+        rows.append(cells)
+    return Table(header, rows, fields=["dataset", "model", "seeds", *[c[0] for c in columns]])
 
 
-def calibration_check(results: list[dict], levels: tuple[float, ...] = (0.05, 0.1)) -> str:
-    """Markdown table of the label-free calibration pooled over every run (seed) of a (dataset, model).
+def summary_table(frame: pd.DataFrame, columns: list[tuple[str, str, int]] = TABLE_COLUMNS) -> str:
+    """Markdown table, one line per (dataset, model): mean ± std over seeds, best accuracy in bold."""
+    return summary_cells(frame, columns).to_markdown()
+
+
+def calibration_cells(results: list[dict], levels: tuple[float, ...] = (0.05, 0.1)) -> Table | None:
+    """Table of the label-free calibration pooled over every run (seed) of a (dataset, model).
 
     Pooling makes the check the one conformal prediction promises: over calibration draws, the share of
     healthy volumes flagged at FDR ``q`` (any voxel) and with volume p-value <= ``q`` stays at or below ``q``
@@ -123,22 +142,32 @@ def calibration_check(results: list[dict], levels: tuple[float, ...] = (0.05, 0.
         for q in levels:
             entry["flagged"][q] += calibrated.get(f"fdr{round(q * 100):02d}_healthy_flagged", float("nan")) * n
     if not pooled:
-        return ""
+        return None
     header = ["dataset", "model", "healthy test vols"]
     header += [f"flagged @ FDR {q:g} (≤ {q:g} + 2 SE)" for q in levels]
     header += [f"volume p ≤ {q:g}" for q in levels] + ["KS of volume p (5% critical)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    fields = ["dataset", "model", "healthy_volumes"]
+    fields += [f"fdr{round(q * 100):02d}_healthy_flagged" for q in levels] + [f"volume_p{round(q * 100):02d}_FPR" for q in levels]
+    rows = []
     for (dataset, label), entry in pooled.items():
         n, p = entry["n"], np.asarray(entry["p"], dtype=float)
-        cells = [dataset, label, str(n)]
+        cells = [Cell(str(dataset)), Cell(str(label)), Cell(str(n), float(n))]
         for q in levels:
             bound = q + 2 * np.sqrt(q * (1 - q) / n)
-            cells.append(f"{entry['flagged'][q] / n:.3f} ({bound:.3f})")
-        cells += [f"{np.mean(p <= q):.3f}" for q in levels]
+            share = entry["flagged"][q] / n
+            cells.append(Cell(f"{share:.3f} ({bound:.3f})", float(share)))
+        cells += [Cell(f"{np.mean(p <= q):.3f}", float(np.mean(p <= q))) for q in levels]
         grain = entry["grain"].pop() if len(entry["grain"]) == 1 else None  # one calibration size: its grid
-        cells.append(f"{ks_uniform(p, grain):.3f} ({1.358 / np.sqrt(p.size):.3f})")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        ks = ks_uniform(p, grain)
+        cells.append(Cell(f"{ks:.3f} ({1.358 / np.sqrt(p.size):.3f})", float(ks)))
+        rows.append(cells)
+    return Table(header, rows, fields=[*fields, "volume_p_KS"])
+
+
+def calibration_check(results: list[dict], levels: tuple[float, ...] = (0.05, 0.1)) -> str:
+    """Markdown of :func:`calibration_cells` (``""`` when no run was calibrated)."""
+    table = calibration_cells(results, levels)
+    return "" if table is None else table.to_markdown()
 
 
 def _save_figure(fig, path: Path, dpi: int) -> None:  # noqa: ANN001
@@ -223,6 +252,55 @@ def _examples_figure(frame: pd.DataFrame, runs_dir: Path, path: Path) -> bool:
     return True
 
 
+def report_sections(
+    results: list[dict],
+    frame: pd.DataFrame | None = None,
+    groups: pd.DataFrame | None = None,
+) -> list[ReportSection]:
+    """The report's tables with their headings and notes, in order: built once for the markdown and the HTML.
+
+    Args:
+        results: The runs' results.
+        frame: Their :func:`results_frame`, when already made (made here otherwise).
+        groups: Their :func:`breakdown_frame`, when already made (made here otherwise).
+    """
+    frame = results_frame(results) if frame is None else frame
+    sections = [
+        ReportSection(
+            table=summary_cells(frame),
+            after=(
+                "Voxel metrics are pooled over all test volumes inside the brain mask. "
+                "'Dice @ val thr.' uses the threshold that maximised Dice on the validation split (the honest figure); "
+                "'max Dice' picks the best threshold on the test set itself and is an upper bound."
+            ),
+        )
+    ]
+    if "fdr05_Dice" in frame.columns:
+        sections.append(
+            ReportSection(
+                "Label-free outputs",
+                "Conformal p-values against the calibration split (healthy training volumes held out of training); "
+                "masks by Benjamini–Hochberg at the stated false discovery rate, with no lesion label used.",
+                summary_cells(frame, CALIBRATED_COLUMNS),
+            )
+        )
+        check = calibration_cells(results)
+        if check is not None:
+            sections.append(
+                ReportSection(text="The calibration pooled over seeds (each seed its own phantom, split and calibration):", table=check)
+            )
+    groups = breakdown_frame(results, frame) if groups is None else groups
+    if not groups.empty:
+        sections.append(
+            ReportSection(
+                "By lesion family and lesion size",
+                "Each group is its lesion volumes against every healthy test volume; sizes are a volume's total lesion volume.",
+                summary_cells(groups),
+            )
+        )
+    return sections
+
+
 def write_report(
     results: list[dict],
     output: Path,
@@ -230,42 +308,32 @@ def write_report(
     failures: list[dict] | None = None,
     command: str | None = None,
 ) -> None:
-    """Write ``results.csv``, ``results.md``, ``accuracy_vs_time.png`` and ``examples.png`` into ``output``."""
+    """Write ``results.csv``, ``results.md``, the PNG plots and ``report.html`` (all in one page) into ``output``."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     if not results:
         atomic_write_text(output / "results.md", f"# {title}\n\nNo finished runs.\n")
+        html = render_sweep_report(title, [ReportSection(text="No finished runs.")], command=command, failures=failures)
+        atomic_write_text(output / "report.html", html)
         return
     frame = results_frame(results)
+    groups = breakdown_frame(results, frame)
     atomic_write_text(output / "results.csv", frame.to_csv(index=False))
-    text = f"# {title}\n\n" + (f"Produced by `{command}`.\n\n" if command else "") + summary_table(frame)
-    text += (
-        "\nVoxel metrics are pooled over all test volumes inside the brain mask. "
-        "'Dice @ val thr.' uses the threshold that maximised Dice on the validation split (the honest figure); "
-        "'max Dice' picks the best threshold on the test set itself and is an upper bound.\n"
-    )
-    if "fdr05_Dice" in frame.columns:
-        text += (
-            "\n## Label-free outputs\n\nConformal p-values against the calibration split (healthy training volumes "
-            "held out of training); masks by Benjamini–Hochberg at the stated false discovery rate, with no lesion "
-            "label used.\n\n" + summary_table(frame, CALIBRATED_COLUMNS)
-        )
-        check = calibration_check(results)
-        if check:
-            text += "\nThe calibration pooled over seeds (each seed its own phantom, split and calibration):\n\n" + check
-    groups = breakdown_frame(results)
-    if not groups.empty:
-        text += (
-            "\n## By lesion family and lesion size\n\nEach group is its lesion volumes against every healthy test "
-            "volume; sizes are a volume's total lesion volume.\n\n" + summary_table(groups)
-        )
+    sections = report_sections(results, frame, groups)
+    text = f"# {title}\n\n" + (f"Produced by `{command}`.\n\n" if command else "")
+    text += "".join(section.to_markdown() for section in sections)
     if failures:
         text += "\nFailed runs (retried on the next call):\n" + "".join(
             f"- {f['dataset']} / {f['label']} / seed {f['seed']}: {f['error']} (log: {f['log']})\n" for f in failures
         )
     atomic_write_text(output / "results.md", text)
+    pictures = []
     if "voxel_AUPRC" in frame.columns:
         _plot_accuracy_vs_time(frame, output / "accuracy_vs_time.png")
-    _examples_figure(frame, output / "runs", output / "examples.png")
+        pictures.append(("Voxel AUPRC against inference time per volume (mean over seeds, whiskers one std).", output / "accuracy_vs_time.png"))
     if not groups.empty:
         _plot_breakdown(groups, output / "breakdown.png")
+        pictures.append(("Accuracy by lesion family and lesion size (mean over seeds, whiskers one std).", output / "breakdown.png"))
+    if _examples_figure(frame, output / "runs", output / "examples.png"):
+        pictures.append(("One test volume of each model.", output / "examples.png"))
+    atomic_write_text(output / "report.html", render_sweep_report(title, sections, pictures, command=command, failures=failures))

@@ -30,6 +30,7 @@ _LAZY = {
     "VolumeDataModule": "simpleslicenet.data.datamodules",
     "BrainPhantom": "simpleslicenet.data.datamodules",
     "NiftiFolder": "simpleslicenet.data.datamodules",
+    "BIDS": "simpleslicenet.data.datamodules",
     "BraTS2021": "simpleslicenet.data.datamodules",
     "IXI": "simpleslicenet.data.datamodules",
     "IXIBraTS": "simpleslicenet.data.datamodules",

@@ -682,10 +682,16 @@ def write_nifti(
 def save_nifti_atomic(img: nib.Nifti1Image, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Save a NIfTI image atomically: an existing file is either fully replaced or left untouched.
 
+    A header that states no spatial units is given millimetres (those of every affine this package
+    writes), as viewers and the BIDS validator (``NIFTI_UNIT``) read them; ``img``'s header is changed.
+
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is false (the file is left untouched).
     """
     path = Path(path)
+    spatial, temporal = img.header.get_xyzt_units()
+    if spatial == "unknown":
+        img.header.set_xyzt_units(xyz="mm", t=None if temporal == "unknown" else temporal)
     with atomic_path(path, overwrite=overwrite) as tmp:
         nib.save(img, tmp)
     return path

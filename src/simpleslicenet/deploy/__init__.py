@@ -18,7 +18,7 @@ or ``simpleslicenet predict --model model.xml --input scans/ --output maps/``; l
 from simpleslicenet.deploy.calibrate import calibrate_paths
 from simpleslicenet.deploy.inferencer import VolumeInferencer, VolumePrediction
 from simpleslicenet.deploy.loading import ModelFileError, ModelOutputError
-from simpleslicenet.deploy.predict import predict_paths
+from simpleslicenet.deploy.predict import predict_paths, predict_scan
 from simpleslicenet.deploy.report import PredictionReport
 
 __all__ = [
@@ -29,4 +29,5 @@ __all__ = [
     "VolumeInferencer",
     "VolumePrediction",
     "predict_paths",
+    "predict_scan",
 ]

@@ -1,7 +1,9 @@
 """``simpleslicenet predict``: anomaly maps for one scan or a folder of scans, one transaction per batch.
 
 * **Which files are scans** follows the dataset naming rule (:func:`simpleslicenet.data.scans.scans_from`):
-  masks, hidden files and the command's own outputs are never read as scans.
+  masks, hidden files and the command's own outputs are never read as scans. The scans can also be given
+  as a list of :class:`~simpleslicenet.data.scans.ScanFiles`, e.g. a BIDS dataset's participants chosen by
+  a selection spec (:func:`bids_scan_files`); everything after that is the same.
 * **A bad scan does not stop the batch.** A scan the reader refuses (:class:`~simpleslicenet.data.nifti.VolumeError`)
   or on which the model gives no finite map (:class:`~simpleslicenet.deploy.loading.ModelOutputError`) is
   reported, skipped and listed under ``"failed"`` in ``scores.json``; the command then exits non-zero.
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,19 +36,122 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from simpleslicenet.atomic import atomic_write_text, staged_directory
+from simpleslicenet.data.bids import BidsDataset, BidsError
 from simpleslicenet.data.nifti import VolumeError
-from simpleslicenet.data.scans import scans_from
-from simpleslicenet.deploy.inferencer import VolumeInferencer
+from simpleslicenet.data.scans import ScanFiles, scans_from
+from simpleslicenet.deploy.inferencer import VolumeInferencer, VolumePrediction
 from simpleslicenet.deploy.loading import ModelOutputError
 from simpleslicenet.deploy.masks import MaskRule
 from simpleslicenet.deploy.report import SUMMARY_FILES, PredictionReport
 from simpleslicenet.scan_outputs import OUTPUT_FILES, ScanOutputs, output_paths, write_scan_outputs
 
-__all__ = ["predict_paths"]
+__all__ = ["predict_paths", "predict_scan", "input_scans", "bids_scan_files"]
 
 logger = logging.getLogger(__name__)
 
 _STAGING_TAG = "predict"
+
+
+def input_scans(inputs: str | os.PathLike | Iterable[ScanFiles]) -> list[ScanFiles]:
+    """The scans to run on: a scan file or folder by the naming rule, or the given scans as they are.
+
+    Args:
+        inputs: A scan, a folder of scans, or :class:`ScanFiles` (``BidsScan.files()`` gives them).
+
+    Raises:
+        VolumeError: No such scan or folder, a folder without scans, an empty list, or two scans of one
+            name (their outputs would be written over each other).
+    """
+    if isinstance(inputs, str | os.PathLike):
+        return scans_from(inputs)
+    scans = list(inputs)
+    if not scans:
+        raise VolumeError(None, "no scans given")
+    seen: dict[str, Path] = {}
+    for scan in scans:
+        if scan.name in seen:
+            raise VolumeError(scan.image_path, f"the same scan name {scan.name!r} as {seen[scan.name]}")
+        seen[scan.name] = scan.image_path
+    return scans
+
+
+def bids_scan_files(
+    root: str | os.PathLike,
+    participants: str | Sequence[str] | None = None,
+    suffix: str = "T2w",
+    session: str | None = None,
+    acquisition: str | None = None,
+    run: str | int | None = None,
+    derivatives: str | None = None,
+    lesion_masks: str | None = "auto",
+) -> list[ScanFiles]:
+    """A BIDS dataset's scans of the chosen participants, for :func:`predict_paths` and ``calibrate_paths``.
+
+    Args:
+        root: The BIDS dataset.
+        participants: Selection spec (``"group=reference"``, a list of labels, ``None``: all).
+        suffix: The contrast.
+        session: Only this session.
+        acquisition: Only scans with this ``acq`` entity.
+        run: Only scans with this ``run`` index.
+        derivatives: Read the preprocessed scans of this derivatives folder (e.g. ``"simpleslicenet-preprocess"``)
+            instead of the raw ones.
+        lesion_masks: Where lesion and brain masks come from (see :class:`~simpleslicenet.data.bids.BidsDataset`;
+            ``"auto"`` with ``derivatives``: that folder's own masks only, on its scans' grid).
+
+    Raises:
+        BidsError: The dataset cannot be read, the selection is unknown, or it holds no scan.
+    """
+    dataset = BidsDataset(
+        root, suffix=suffix, session=session, acquisition=acquisition, run=run,
+        derivatives=derivatives, lesion_masks=lesion_masks,
+    )  # fmt: skip
+    scans = dataset.scans(participants)
+    if not scans:
+        chosen = "" if participants is None else f" of the participants chosen ({participants})"
+        where = f" in derivatives/{derivatives}" if derivatives is not None else ""
+        raise BidsError(root, f"no {suffix} scans{where}{chosen}")
+    return [scan.files() for scan in scans]
+
+
+def predict_scan(
+    inferencer: VolumeInferencer,
+    rule: MaskRule,
+    scan: ScanFiles,
+    file_names: dict[str, str] | None = None,
+) -> tuple[VolumePrediction, ScanOutputs]:
+    """Run the model on one scan and apply the mask rule: what ``predict`` and the BIDS App write for it.
+
+    Args:
+        inferencer: The loaded model.
+        rule: The mask rule, resolved for this model (:meth:`MaskRule.resolved`).
+        scan: The scan (its brain mask, when it has one, is used instead of the one derived from intensities).
+        file_names: File names of the outputs where the default ``NAME`` + suffix does not fit
+            (:class:`~simpleslicenet.scan_outputs.ScanOutputs`).
+
+    Returns:
+        The prediction and the scan's outputs on the model grid (map, p-values and mask as the rule asks,
+        the image and brain mask for a preview), ready for :func:`~simpleslicenet.scan_outputs.write_scan_outputs`.
+
+    Raises:
+        VolumeError: The reader refuses the scan.
+        ModelOutputError: The model gives no finite map for it.
+    """
+    prediction = inferencer.predict(scan.image_path, brain_mask_path=scan.brain_mask_path)
+    mask, pvalues = rule.apply(prediction.model_map, prediction.brain_mask)
+    outputs = ScanOutputs(
+        name=scan.name,
+        geometry=prediction.geometry,
+        model_map=prediction.model_map,
+        scan_map=prediction.anomaly_map,
+        mask=mask,
+        pvalues=pvalues,
+        image=prediction.model_image,
+        brain=prediction.brain_mask,
+        title=f"{scan.name}: volume score {prediction.volume_score:.4g}",
+        file_names=file_names,
+    )
+    return prediction, outputs
 
 
 def _is_predict_output(path: Path) -> bool:
@@ -104,7 +209,7 @@ def _one_write_in_flight() -> Iterator[Callable[..., None]]:
 
 def predict_paths(
     model: str | os.PathLike,
-    inputs: str | os.PathLike,
+    inputs: str | os.PathLike | Iterable[ScanFiles],
     output: str | os.PathLike,
     threshold: float | str | None = None,
     overwrite: bool = False,
@@ -124,7 +229,7 @@ def predict_paths(
 
     Args:
         model: Exported ``.xml`` or ``.ckpt``.
-        inputs: A scan or a folder of scans.
+        inputs: A scan, a folder of scans, or the scans themselves (:func:`input_scans`).
         output: Output folder: new, empty, or holding a previous batch's outputs only.
         threshold: Also write ``<scan>_anomaly_mask.nii.gz`` of voxels whose score reaches it; ``"val"``
             uses the threshold that maximised Dice on the validation split during training.
@@ -146,11 +251,11 @@ def predict_paths(
     Raises:
         FileExistsError: The output folder holds outputs and ``overwrite`` is false, or holds other files.
         CalibrationError: An unusable calibration file, one made with another model, or ``fdr`` without one.
-        VolumeError: The input is not a scan or a folder of scans, or (``fail_fast``) a scan is bad.
+        VolumeError: The input is not a scan or a folder of scans (or holds none), or (``fail_fast``) a scan is bad.
         ModelFileError: The model cannot be used (:class:`~simpleslicenet.deploy.loading.ModelOutputError`
             with ``fail_fast`` when it gives no finite map for a scan).
     """
-    scans = scans_from(inputs)
+    scans = input_scans(inputs)
     output = Path(output)
     if output.name in {"", ".", ".."}:
         output = output.resolve()  # the staging folder is named after the output folder
@@ -163,7 +268,7 @@ def predict_paths(
         with _one_write_in_flight() as submit:
             for scan in tqdm(scans, desc="predict", unit="scan", disable=not progress):
                 try:
-                    prediction = inferencer.predict(scan.image_path, brain_mask_path=scan.brain_mask_path)
+                    prediction, outputs = predict_scan(inferencer, rule, scan)
                 except (VolumeError, ModelOutputError) as error:
                     if fail_fast:
                         raise
@@ -176,21 +281,9 @@ def predict_paths(
                         scan.image_path,
                         inferencer.preprocessing.spacing_mm,
                     )
-                mask, pvalues = rule.apply(prediction.model_map, prediction.brain_mask)
-                outputs = ScanOutputs(
-                    name=scan.name,
-                    geometry=prediction.geometry,
-                    model_map=prediction.model_map,
-                    scan_map=prediction.anomaly_map,
-                    mask=mask,
-                    pvalues=pvalues,
-                    image=prediction.model_image,
-                    brain=prediction.brain_mask,
-                    title=f"{scan.name}: volume score {prediction.volume_score:.4g}",
-                )
                 submit(write_scan_outputs, outputs, staging, previews)
                 paths = output_paths(output, outputs, previews)
-                report.add_scan(scan.image_path, prediction, mask, rule.calibration, paths)
+                report.add_scan(scan.image_path, prediction, outputs.mask, rule.calibration, paths)
         for name, text in report.summaries(model, rule.settings()).items():
             atomic_write_text(staging / name, text)
     return report

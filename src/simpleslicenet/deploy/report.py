@@ -1,9 +1,10 @@
 """What a ``predict`` batch reports: one record per scan, ``scores.json`` and ``scores.csv``.
 
 ``scores.json`` holds the model, the mask settings, every scan's record and the scans that failed,
-in strict JSON (never NaN or Infinity). ``scores.csv`` ranks the scans, most suspicious first: smallest
-volume p-value (with a calibration), then highest volume score, with the number and sizes of each
-scan's flagged clusters; failed scans follow with their error.
+in strict JSON (never NaN or Infinity). ``scores.csv`` ranks the scans, most suspicious first, as the
+BIDS App's group table does (:func:`~simpleslicenet.reports.ranking.ranking_key`): smallest volume
+p-value (with a calibration), then highest volume score, then name; with the number and sizes of each
+scan's flagged clusters. Failed scans follow with their error.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 
 from simpleslicenet.calibration import ConformalCalibration
 from simpleslicenet.clusters import cluster_sizes_ml
+from simpleslicenet.reports.ranking import ranking_key
 
 __all__ = ["PredictionReport", "SUMMARY_FILES"]
 
@@ -88,8 +90,12 @@ class PredictionReport:
         self.failed.append({"scan": str(scan), "error": str(error)})
 
     def ranked(self) -> list[dict[str, Any]]:
-        """Scan records, most suspicious first: smallest volume p-value (when calibrated), then highest volume score."""
-        return sorted(self.scans, key=lambda r: (r.get("volume_pvalue", 1.0), -r["volume_score"]))
+        """Scan records, most suspicious first (:func:`~simpleslicenet.reports.ranking.ranking_key`).
+
+        Smallest volume p-value (when calibrated; a scan without one follows those with one), then highest
+        volume score, then name.
+        """
+        return sorted(self.scans, key=lambda r: ranking_key(r.get("volume_pvalue"), r["volume_score"], r["scan"]))
 
     def summaries(self, model: object, settings: dict[str, Any]) -> dict[str, str]:
         """The texts of :data:`SUMMARY_FILES`.

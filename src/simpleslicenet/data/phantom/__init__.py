@@ -8,7 +8,8 @@ tumour-like lesions (core, necrosis, oedema) with mass effect; their whole exten
 
 The dataset is written like BraTS (one folder per subject, ``{id}_{contrast}.nii.gz``,
 ``{id}_seg.nii.gz``, ``{id}_brainmask.nii.gz``) with a ``manifest.json`` that records every parameter,
-so a folder is reused whenever it already holds the requested phantom.
+so a folder is reused whenever it already holds the requested phantom. :func:`write_phantom_bids` writes
+it as a BIDS dataset instead (``participants.tsv`` groups, masks as a derivatives dataset).
 
 Example:
     >>> from simpleslicenet.data.phantom import generate_phantom_dataset
@@ -17,6 +18,7 @@ Example:
     ['Phantom_00004_brainmask.nii.gz', 'Phantom_00004_seg.nii.gz', 'Phantom_00004_t2.nii.gz']
 """
 
+from simpleslicenet.data.phantom.bids import write_phantom_bids
 from simpleslicenet.data.phantom.contrasts import CONTRASTS
 from simpleslicenet.data.phantom.dataset import (
     MANIFEST_NAME,
@@ -43,6 +45,7 @@ __all__ = [
     "save_montage",
     "subject_files",
     "subject_id",
+    "write_phantom_bids",
     "write_subject",
 ]
 

@@ -29,12 +29,13 @@ from simpleslicenet.data.phantom.generator import PhantomOptions, PhantomSubject
 from simpleslicenet.data.phantom.lesions import check_families
 from simpleslicenet.data.phantom.templates import TEMPLATE_NAME, load_tissue_template
 from simpleslicenet._version import __version__
-from simpleslicenet.atomic import atomic_write_text
+from simpleslicenet.atomic import atomic_write_json
 from simpleslicenet.data.nifti import save_nifti_atomic
 
 __all__ = [
     "MANIFEST_NAME",
     "generate_phantom_dataset",
+    "nifti_image",
     "read_manifest",
     "subject_id",
     "subject_files",
@@ -64,11 +65,8 @@ def subject_files(root: str | os.PathLike, index: int, contrast: str) -> dict[st
     }
 
 
-def _write_json_atomic(data: dict, path: Path) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-def _nifti(array: np.ndarray, affine: np.ndarray, dtype: type) -> nib.Nifti1Image:
+def nifti_image(array: np.ndarray, affine: np.ndarray, dtype: type) -> nib.Nifti1Image:
+    """A phantom volume as a NIfTI image: ``dtype``, millimetres, aligned to MNI152 space (qform and sform)."""
     image = nib.Nifti1Image(np.asarray(array, dtype=dtype), affine)
     image.header.set_xyzt_units("mm")
     image.set_qform(affine, code=1)  # scanner-anatomical alignment to MNI space
@@ -80,9 +78,9 @@ def write_subject(subject: PhantomSubject, root: str | os.PathLike) -> dict[str,
     """Write one subject's image (int16), lesion mask and brain mask atomically; return their paths."""
     files = subject_files(root, subject.index, subject.contrast)
     pixels = np.clip(np.rint(subject.image), 0, np.iinfo(np.int16).max)
-    save_nifti_atomic(_nifti(pixels, subject.affine, np.int16), files["image"], overwrite=True)
-    save_nifti_atomic(_nifti(subject.seg, subject.affine, np.uint8), files["seg"], overwrite=True)
-    save_nifti_atomic(_nifti(subject.brain_mask, subject.affine, np.uint8), files["brainmask"], overwrite=True)
+    save_nifti_atomic(nifti_image(pixels, subject.affine, np.int16), files["image"], overwrite=True)
+    save_nifti_atomic(nifti_image(subject.seg, subject.affine, np.uint8), files["seg"], overwrite=True)
+    save_nifti_atomic(nifti_image(subject.brain_mask, subject.affine, np.uint8), files["brainmask"], overwrite=True)
     return files
 
 
@@ -236,6 +234,6 @@ def generate_phantom_dataset(
         "affine": np.asarray(template.affine).round(6).tolist(),
         "subjects": subjects,
     }
-    _write_json_atomic(manifest, root / MANIFEST_NAME)
+    atomic_write_json(root / MANIFEST_NAME, manifest)
     return root
 

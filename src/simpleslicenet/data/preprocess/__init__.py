@@ -14,8 +14,9 @@ resampled to 1 mm. This package produces that from raw NIfTI scans or DICOM seri
    mask derived from intensities (or the dataset's own ``NAME_brain`` mask when there is one).
 
 :func:`preprocess_scan` does one scan (:mod:`.scan`); :func:`preprocess_inputs` /
-:func:`preprocess_folder` a resumable, parallel batch (:mod:`.batch`, :mod:`.manifest`); the
-``simpleslicenet preprocess`` command wraps the latter. DICOM series can also just be converted
+:func:`preprocess_folder` a resumable, parallel batch (:mod:`.batch`, :mod:`.manifest`);
+:func:`preprocess_bids` the same batch on a BIDS dataset's scans, written as a BIDS derivatives dataset
+(:mod:`.bids`). The ``simpleslicenet preprocess`` command wraps them. DICOM series can also just be converted
 (:func:`convert_dicom_series`, ``--dicom-only``). Not done: non-linear registration.
 
 Example:
@@ -31,10 +32,13 @@ from simpleslicenet.data.preprocess.batch import (
     find_jobs,
     preprocess_folder,
     preprocess_inputs,
+    preprocess_jobs,
 )
+from simpleslicenet.data.preprocess.bids import PIPELINE_NAME, is_bids_dataset, preprocess_bids
 from simpleslicenet.data.preprocess.dicom import convert_dicom_series, read_dicom_series
 from simpleslicenet.data.preprocess.manifest import MANIFEST_NAME
 from simpleslicenet.data.preprocess.scan import PreprocessResult, PreprocessSettings, preprocess_scan
+from simpleslicenet.data.preprocess.template import TEMPLATE_SPACE
 
 __all__ = [
     "PreprocessSettings",
@@ -42,6 +46,11 @@ __all__ = [
     "preprocess_scan",
     "preprocess_inputs",
     "preprocess_folder",
+    "preprocess_jobs",
+    "preprocess_bids",
+    "is_bids_dataset",
+    "PIPELINE_NAME",
+    "TEMPLATE_SPACE",
     "BatchReport",
     "ScanJob",
     "ScanOutcome",

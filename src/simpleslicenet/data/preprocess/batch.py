@@ -6,6 +6,10 @@ one output per scan into the output folder, keeping sub-folders, so a tree laid 
 run in worker processes (``workers``); a scan that fails is reported with its reason and the batch
 goes on; the manifest (:mod:`.manifest`) makes a rerun skip what is finished. Every scan gets one log
 line with its registration-quality figures, and the batch ends with a summary table.
+
+:func:`preprocess_jobs` runs any list of :class:`ScanJob`; a job may name its outputs itself and ask for
+JSON sidecars beside them, which is how a BIDS dataset's scans become a derivatives dataset (:mod:`.bids`)
+through the same batch, manifest and reports.
 """
 
 from __future__ import annotations
@@ -14,19 +18,30 @@ import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from simpleslicenet.atomic import atomic_write_json
+from simpleslicenet.data.bids import sidecar_path
 from simpleslicenet.data.nifti import VolumeError
 from simpleslicenet.data.preprocess.dicom import dicom_series_folders, is_dicom_file
 from simpleslicenet.data.preprocess.manifest import Manifest, file_fingerprint
 from simpleslicenet.data.preprocess.scan import PreprocessResult, PreprocessSettings, output_paths, preprocess_scan
 from simpleslicenet.data.scans import ScanFiles, companion_file, list_scans, scans_from
 
-__all__ = ["ScanJob", "ScanOutcome", "BatchReport", "find_jobs", "preprocess_inputs", "preprocess_folder"]
+__all__ = [
+    "ScanJob",
+    "ScanOutcome",
+    "BatchReport",
+    "find_jobs",
+    "preprocess_jobs",
+    "preprocess_inputs",
+    "preprocess_folder",
+]
 
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"
 
@@ -40,12 +55,18 @@ class ScanJob:
         source: The NIfTI file or DICOM series folder.
         mask_path: Its lesion mask (NIfTI scans), if any.
         brain_mask_path: Its own brain mask (NIfTI scans), if any.
+        output_names: File names of its other outputs by kind, beside the scan, instead of the naming
+            rule's (:func:`~simpleslicenet.data.preprocess.scan.output_paths`).
+        sidecars: JSON written beside outputs once the scan is done, by the output's kind
+            (``image``, ``brain_mask``, ``lesion_mask``): ``NAME.json`` for ``NAME.nii.gz``.
     """
 
     name: str
     source: Path
     mask_path: Path | None = None
     brain_mask_path: Path | None = None
+    output_names: Mapping[str, str] | None = field(default=None, hash=False)
+    sidecars: Mapping[str, Mapping[str, Any]] | None = field(default=None, hash=False)
 
     def input_files(self) -> list[Path]:
         """Every file the outputs depend on: the scan (or each file of the series) and its masks."""
@@ -54,6 +75,24 @@ class ScanJob:
         else:
             files = [self.source]
         return files + [p for p in (self.mask_path, self.brain_mask_path) if p is not None]
+
+    def output_paths(self, output: Path, settings: PreprocessSettings) -> dict[str, Path]:
+        """Every file the job writes into ``output``, by kind, sidecars as ``<kind>_sidecar``."""
+        has_lesion = self.mask_path is not None and not settings.dicom_only
+        paths = output_paths(output / self.name, settings, has_lesion, self.output_names).as_dict()
+        for kind in self.sidecars or {}:
+            if kind in paths:
+                paths[f"{kind}_sidecar"] = sidecar_path(paths[kind])
+        return paths
+
+    def write_sidecars(self, result: PreprocessResult) -> None:
+        """Write the sidecars of the outputs ``result`` holds, and record them in it."""
+        written = result.outputs()
+        for kind, record in (self.sidecars or {}).items():
+            if kind in written:
+                path = sidecar_path(written[kind])
+                atomic_write_json(path, record)
+                result.sidecars[kind] = path
 
 
 @dataclass
@@ -231,7 +270,9 @@ def _run_job(job: ScanJob, output: Path, settings: PreprocessSettings) -> ScanOu
             brain_mask_path=job.brain_mask_path,
             settings=settings,
             overwrite=True,
+            output_names=job.output_names,
         )
+        job.write_sidecars(result)
     except Exception as error:  # noqa: BLE001 - every failure is reported per scan, the batch goes on
         problem = str(error) if isinstance(error, VolumeError | FileExistsError) else f"{type(error).__name__}: {error}"
         return ScanOutcome(job.name, str(job.source), FAILED, time.perf_counter() - start, error=problem)
@@ -298,6 +339,43 @@ def preprocess_inputs(
         ValueError: ``workers`` below 1.
         VolumeError: The output folder's manifest is unreadable.
     """
+    settings = settings or PreprocessSettings()
+    output = Path(output).resolve()
+    jobs, failures = find_jobs(inputs, output, dicom_only=settings.dicom_only)
+    return preprocess_jobs(jobs, output, settings, workers, overwrite, progress, threads, log, failures)
+
+
+def preprocess_jobs(
+    jobs: list[ScanJob],
+    output: str | os.PathLike,
+    settings: PreprocessSettings | None = None,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+    threads: int | None = None,
+    log: Callable[[str], None] | None = None,
+    failures: Iterable[ScanOutcome] = (),
+) -> BatchReport:
+    """Run scan jobs into ``output``: skip finished ones, run the rest, keep the manifest, report.
+
+    Args:
+        jobs: The scans, with unique names (output paths relative to ``output``).
+        output: Output folder (created); ``preprocess_manifest.json`` is kept there.
+        settings: What to do with each scan (:class:`PreprocessSettings` defaults when ``None``).
+        workers: See :func:`preprocess_inputs`.
+        overwrite: See :func:`preprocess_inputs`.
+        progress: See :func:`preprocess_inputs`.
+        threads: See :func:`preprocess_inputs`.
+        log: See :func:`preprocess_inputs`.
+        failures: Inputs that never became jobs, reported first.
+
+    Returns:
+        Every outcome; ``report.failed`` is empty when all scans succeeded.
+
+    Raises:
+        ValueError: ``workers`` below 1.
+        VolumeError: The output folder's manifest is unreadable.
+    """
     from tqdm.auto import tqdm
 
     if workers < 1:
@@ -308,7 +386,7 @@ def preprocess_inputs(
     output.mkdir(parents=True, exist_ok=True)
     log = log or tqdm.write
     manifest = Manifest(output)
-    jobs, failures = find_jobs(inputs, output, dicom_only=settings.dicom_only)
+    failures = list(failures)
     report = BatchReport(outcomes=list(failures), manifest_path=manifest.path)
     for outcome in failures:
         log(_log_line(outcome))
@@ -334,8 +412,7 @@ def preprocess_inputs(
                 )
             )
             continue
-        has_lesion = job.mask_path is not None and not settings.dicom_only
-        planned = list(output_paths(output / job.name, settings, has_lesion).as_dict().values())
+        planned = list(job.output_paths(output, settings).values())
         strangers = [p for p in planned if p.exists() and p not in manifest.owned(job.name)]
         if strangers and not overwrite:
             problem = f"{strangers[0]}: exists and was not written by this batch (pass overwrite to replace it)"

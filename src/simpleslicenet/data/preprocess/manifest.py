@@ -42,14 +42,20 @@ class Manifest:
 
     Args:
         folder: The output folder.
+        name: The manifest's file name in ``folder`` (another batch job keeps its own).
+        pipeline_version: Version of the steps that made the outputs: a finished scan of another
+            version is redone.
 
     Raises:
         VolumeError: The manifest exists but is not one this package wrote (unreadable or another format).
     """
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(
+        self, folder: str | os.PathLike, name: str = MANIFEST_NAME, pipeline_version: object = PIPELINE_VERSION
+    ) -> None:
         self.folder = Path(folder)
-        self.path = self.folder / MANIFEST_NAME
+        self.path = self.folder / name
+        self.pipeline_version = pipeline_version
         self.scans: dict[str, dict[str, Any]] = {}
         if self.path.exists():
             try:
@@ -57,7 +63,7 @@ class Manifest:
             except (OSError, ValueError) as error:
                 raise VolumeError(self.path, f"unreadable manifest ({error}); delete it to redo every scan") from error
             if not isinstance(record, dict) or record.get("format") != FORMAT_VERSION:
-                raise VolumeError(self.path, f"not a preprocessing manifest of format {FORMAT_VERSION}")
+                raise VolumeError(self.path, f"not a batch manifest of format {FORMAT_VERSION}")
             self.scans = dict(record.get("scans", {}))
 
     def save(self) -> Path:
@@ -77,7 +83,7 @@ class Manifest:
             return False
         if entry.get("inputs") != inputs or entry.get("settings") != settings:
             return False
-        if entry.get("pipeline_version") != PIPELINE_VERSION:
+        if entry.get("pipeline_version") != self.pipeline_version:
             return False
         for output in entry.get("outputs", {}).values():
             path = self.folder / output["path"]
@@ -115,7 +121,7 @@ class Manifest:
             "source": source,
             "inputs": inputs,
             "settings": settings,
-            "pipeline_version": PIPELINE_VERSION,
+            "pipeline_version": self.pipeline_version,
             "outputs": written,
             "owned": sorted(item["path"] for item in written.values()),
             "quality": quality,

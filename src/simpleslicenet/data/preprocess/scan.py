@@ -9,6 +9,9 @@ writes, beside each other and by the dataset naming rule (:mod:`simpleslicenet.d
 * ``NAME_template_to_scan.tfm``: the affine transform (ITK format, LPS), template point → scan
   point, to carry maps computed on the template grid back onto the raw scan.
 
+Other names can be given per output kind (:func:`output_paths`); the BIDS derivatives writer
+(:mod:`.bids`) names them by the BIDS entities that way.
+
 :class:`PreprocessSettings` holds every choice that changes those outputs; the batch runner records it
 in its manifest, so a changed setting redoes a scan.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -49,15 +53,19 @@ __all__ = [
     "OutputPaths",
     "TRANSFORM_SUFFIX",
     "PIPELINE_VERSION",
+    "OUTPUT_KINDS",
     "output_paths",
     "preprocess_scan",
 ]
 
 TRANSFORM_SUFFIX = "_template_to_scan"
 
+# What one scan's preprocessing writes, by kind (the keys of OutputPaths and PreprocessResult.outputs).
+OUTPUT_KINDS = ("image", "brain_mask", "lesion_mask", "transform")
+
 # Raised whenever a change to the steps changes what is written for the same settings, so that
 # resumable batches redo scans made by an older version.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: NIfTI outputs state their units (mm)
 
 # Below either figure the registration has failed (a brain off by centimetres, upside down, or not a
 # head at all) and the scan is reported instead of written. Well registered scans measured here: mutual
@@ -171,24 +179,47 @@ class OutputPaths:
         return {key: value for key, value in asdict(self).items() if value is not None}
 
 
-def output_paths(out_path: str | os.PathLike, settings: PreprocessSettings, has_lesion: bool) -> OutputPaths:
+def output_paths(
+    out_path: str | os.PathLike,
+    settings: PreprocessSettings,
+    has_lesion: bool,
+    names: Mapping[str, str] | None = None,
+) -> OutputPaths:
     """The files :func:`preprocess_scan` writes for ``out_path`` under ``settings``.
 
+    Args:
+        out_path: The output scan.
+        settings: What is done (a DICOM conversion writes the scan only, no registration no transform).
+        has_lesion: A lesion mask is carried along.
+        names: File names by kind (``brain_mask``, ``lesion_mask``, ``transform``), beside ``out_path``,
+            instead of the dataset naming rule's ``NAME_brain``, ``NAME_mask`` and ``NAME_template_to_scan.tfm``.
+
     Raises:
-        VolumeError: ``out_path`` is not a NIfTI file name.
+        VolumeError: ``out_path`` is not a NIfTI file name, or ``names`` holds an unknown kind or a path
+            instead of a file name.
     """
     out_path = Path(out_path)
     name = nifti_stem(out_path)
     if name is None:
         raise VolumeError(out_path, "output must be a NIfTI file name ending in .nii.gz or .nii")
     suffix = out_path.name[len(name) :]
+    chosen = {
+        "brain_mask": f"{name}{BRAIN_SUFFIX}{suffix}",
+        "lesion_mask": f"{name}{MASK_SUFFIX}{suffix}",
+        "transform": f"{name}{TRANSFORM_SUFFIX}.tfm",
+    }
+    for kind, file_name in (names or {}).items():
+        if kind not in chosen or Path(file_name).name != file_name or file_name == out_path.name:
+            problem = f"cannot name its {kind!r} output {file_name!r}: kinds are {', '.join(chosen)}, each named "
+            raise VolumeError(out_path, problem + "by a file name of its own in the same folder")
+        chosen[kind] = file_name
     if settings.dicom_only:
         return OutputPaths(out_path, None, None, None)
     return OutputPaths(
         image=out_path,
-        brain_mask=out_path.with_name(f"{name}{BRAIN_SUFFIX}{suffix}"),
-        lesion_mask=out_path.with_name(f"{name}{MASK_SUFFIX}{suffix}") if has_lesion else None,
-        transform=out_path.with_name(f"{name}{TRANSFORM_SUFFIX}.tfm") if settings.register else None,
+        brain_mask=out_path.with_name(chosen["brain_mask"]),
+        lesion_mask=out_path.with_name(chosen["lesion_mask"]) if has_lesion else None,
+        transform=out_path.with_name(chosen["transform"]) if settings.register else None,
     )
 
 
@@ -206,6 +237,8 @@ class PreprocessResult:
         template_dice: Dice of the brain mask with the template's brain mask on the output grid: a
             registration-quality figure (about 0.95 for a well registered adult brain).
         seconds: Time spent per step.
+        sidecars: JSON sidecars written beside outputs, by the kind of the output they describe (the
+            batch writes them for BIDS derivatives).
     """
 
     image_path: Path
@@ -216,15 +249,17 @@ class PreprocessResult:
     mutual_information: float | None = None
     template_dice: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    sidecars: dict[str, Path] = field(default_factory=dict)
 
     def outputs(self) -> dict[str, Path]:
-        """The files written, by kind."""
+        """The files written, by kind (a sidecar as ``<kind>_sidecar``)."""
         paths = {
             "image": self.image_path,
             "brain_mask": self.brain_mask_path,
             "lesion_mask": self.mask_path,
             "transform": self.transform_path,
         }
+        paths.update({f"{kind}_sidecar": path for kind, path in self.sidecars.items()})
         return {key: value for key, value in paths.items() if value is not None}
 
 
@@ -317,6 +352,7 @@ def preprocess_scan(
     settings: PreprocessSettings | None = None,
     overwrite: bool = False,
     brain_mask_path: str | os.PathLike | None = None,
+    output_names: Mapping[str, str] | None = None,
     **overrides: Any,
 ) -> PreprocessResult:
     """Bias-correct, register to MNI152, resample and brain-extract one scan (see the module notes).
@@ -330,6 +366,8 @@ def preprocess_scan(
         overwrite: Replace existing outputs.
         brain_mask_path: The dataset's own brain mask on the scan's grid (NIfTI scans only): carried
             along like the lesion mask and used instead of the template's or the intensity-derived one.
+        output_names: File names of the other outputs by kind, instead of the naming rule's (see
+            :func:`output_paths`).
         **overrides: Fields of :class:`PreprocessSettings` changed for this call.
 
     Raises:
@@ -340,7 +378,8 @@ def preprocess_scan(
     """
     settings = replace(settings or PreprocessSettings(), **overrides)
     source = Path(source)
-    paths = output_paths(out_path, settings, has_lesion=mask_path is not None and not settings.dicom_only)
+    has_lesion = mask_path is not None and not settings.dicom_only
+    paths = output_paths(out_path, settings, has_lesion, output_names)
     if not overwrite and paths.existing():
         raise FileExistsError(f"{paths.existing()[0]}: already exists (pass overwrite=True to replace it)")
     if not source.exists():

@@ -16,7 +16,11 @@ import SimpleITK as sitk
 
 from simpleslicenet.data.preprocess.images import image_from_array
 
-__all__ = ["Template", "load_template", "template_grid"]
+__all__ = ["TEMPLATE_SPACE", "Template", "load_template", "template_grid"]
+
+# The BIDS identifier of the template's space: nilearn's template is the asymmetric ICBM152 2009,
+# release a (its documentation says so), not fMRIPrep's default release c.
+TEMPLATE_SPACE = "MNI152NLin2009aAsym"
 
 
 @dataclass(frozen=True)
