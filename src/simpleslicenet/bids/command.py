@@ -61,7 +61,7 @@ def given_flags(options: dict[str, object]) -> list[str]:
 
 def scan_inputs(args: argparse.Namespace, command: str, need_participants: bool = False) -> Path | list:
     """``--input`` as a path, or, for a BIDS dataset, the scans its options choose (exits on a mistake)."""
-    from simpleslicenet.data.preprocess.bids import is_bids_dataset
+    from simpleslicenet.data.bids import is_bids_dataset
     from simpleslicenet.deploy.predict import bids_scan_files
 
     options = bids_input_options(args, "derivatives")

@@ -125,10 +125,6 @@ class SubjectResult:
     failed: list[dict[str, str]] = field(default_factory=list)
 
 
-def _file_digest(path: str | os.PathLike) -> str:
-    return model_digest(path)  # a plain file's SHA-256 (an .xml adds its .bin)
-
-
 def _keep_previous(target: Path, staging: Path, drop: set[str], output: Path) -> None:
     """Carry the files of ``target`` over into ``staging`` (hard links where possible), except ``drop``."""
     if not target.is_dir():
@@ -197,7 +193,7 @@ class SubjectRunner:
         dataset = dataset or options.dataset(self.bids_root)
         self.scans = {scan.name: scan for scan in dataset.scans()}
         self.model_sha256 = model_digest(options.model)
-        self.calibration_sha256 = None if options.calibration is None else _file_digest(options.calibration)
+        self.calibration_sha256 = None if options.calibration is None else model_digest(options.calibration)
         self.software = software_versions()
 
     # -- one subject -------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ __all__ = [
     "BidsError",
     "BidsScan",
     "BidsDataset",
+    "is_bids_dataset",
     "parse_bids_name",
     "parse_anat_name",
     "BIDS_VERSION",
@@ -119,6 +120,11 @@ _READ_DESCS = ("lesion", "brain", "preproc")
 
 class BidsError(VolumeError):
     """A BIDS dataset that cannot be read as asked; the message names the file or subject and the problem."""
+
+
+def is_bids_dataset(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder holding ``dataset_description.json`` (a BIDS dataset's root)."""
+    return (Path(path) / DESCRIPTION).is_file()
 
 
 def parse_bids_name(
@@ -428,6 +434,8 @@ class BidsDataset:
         self.subjects = self._check_subjects()
         # Every raw anatomical file (any suffix), checked; the chosen contrast's are the candidate scans.
         self._raw = {subject: self._raw_files(subject) for subject in self.subjects}
+        # Each derivatives folder is listed once: with derivatives=NAME both the masks and the scans are read from it.
+        self._listings: dict[tuple[Path, bool], list[tuple[str | None, _File]]] = {}
         self._scans = self._find_scans()
 
     # -- reading ---------------------------------------------------------------------------------
@@ -531,6 +539,8 @@ class BidsDataset:
         A badly named mask or preprocessed scan is an error in a folder that was named (``strict``), and
         left out with a warning in one searched by ``lesion_masks="auto"``.
         """
+        if (pipeline, strict) in self._listings:
+            return self._listings[pipeline, strict]
         found, skipped = [], []
         for label, _ in _labelled_folders(pipeline, "sub"):
             for session, folder in _anat_folders(pipeline, label):
@@ -551,6 +561,7 @@ class BidsDataset:
                     found.append((session, _File(path, entities, suffix)))
         if skipped:
             warnings.warn(f"{pipeline}: badly named masks left out: {'; '.join(skipped)}", stacklevel=5)
+        self._listings[pipeline, strict] = found
         return found
 
     @staticmethod

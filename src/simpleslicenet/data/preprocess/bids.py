@@ -32,13 +32,13 @@ from simpleslicenet._version import __version__
 from simpleslicenet.data.bids import (
     BRAIN_DESC,
     DERIVATIVES,
-    DESCRIPTION,
     LESION_DESC,
     PREPROC_DESC,
     BidsDataset,
     BidsError,
     BidsScan,
     bids_uri,
+    is_bids_dataset,
     write_derivatives_description,
 )
 from simpleslicenet.data.preprocess.batch import BatchReport, ScanJob, preprocess_jobs
@@ -63,11 +63,6 @@ Scans preprocessed by `simpleslicenet preprocess` for anomaly detection: see eac
 its sources and settings. Transforms (`*_xfm.txt`, ITK text format, template point to scan point) have no
 BIDS naming yet and are listed in `.bidsignore`, as is the batch record `{manifest}`.
 """
-
-
-def is_bids_dataset(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a folder holding ``dataset_description.json`` (a BIDS dataset's root)."""
-    return (Path(path) / DESCRIPTION).is_file()
 
 
 def _steps(settings: PreprocessSettings) -> str:
