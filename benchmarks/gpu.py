@@ -23,8 +23,10 @@ Measured per variant:
   (:func:`~simpleslicenet.models.scoring.score_volumes`), map and volume score back into pinned host
   memory, synchronised; median of ``--repeats`` after warm-up; **device** ms: the same call with
   input and output on the device (CUDA events);
-* training, ms per volume step: SimpleSliceNet: slice features and one pass of flow steps over all
-  of the volume's features (4,096 a step with their noised copies, backward, Adam); AE3D:
+* training, ms per volume step: SimpleSliceNet: one pass of flow steps over all of the volume's
+  features (4,096 a step with their noised copies, backward, Adam), the features read from the
+  training feature cache as in every epoch after the first (the first adds the slice features,
+  about the inference's feature time); AE3D:
   reconstruction, masked L1, backward, Adam; PatchCore: the embedding of the volume's training
   slices (every third) into the memory bank;
 * peak GPU memory (``torch.cuda.max_memory_allocated``, weights and inputs included) during
@@ -79,6 +81,7 @@ from simpleslicenet.models.cuda_graphs import CapturedCall
 from simpleslicenet.models.registry import config_init_args, create_model, packaged_config
 from simpleslicenet.models.scoring import VolumeScoring, score_volumes
 from simpleslicenet.models.simpleslicenet.flow import log_likelihood
+from simpleslicenet.models.simpleslicenet.feature_cache import FeatureCache
 from simpleslicenet.models.simpleslicenet.lightning_model import fit_flow_on_features
 from simpleslicenet.models.simpleslicenet.loss import create_loss
 from simpleslicenet.models.simpleslicenet.settings import SimpleSliceNetSettings
@@ -235,10 +238,18 @@ def build_variant(key: str, variant: str, reference: dict, device: torch.device,
         loss = create_loss(settings.loss)
         optimizer = torch.optim.Adam([p for p in model.flow.parameters() if p.requires_grad], lr=settings.lr)
 
+        # As in training: the frozen encoder's cells of the volume are computed once (the warm-up) and
+        # read back from host memory in every later step, which trains the flow only.
+        cache = FeatureCache(max_bytes=1 << 34)
+
         def train() -> None:
             model.train()
             images = inputs["images"]
-            features, conditions = model.training_features(images, [slice(0, images.shape[0])])
+            cells = cache.get("volume", images.device)
+            if cells is None:
+                [cells] = model.training_cells(images, [slice(0, images.shape[0])])
+                cache.put("volume", cells)
+            features, conditions = model.flow_batch([cells])
             fit_flow_on_features(model.flow, loss, features, conditions, optimizer, settings.features_per_step)
             model.eval()
 

@@ -26,6 +26,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "simpleslicenet.atomic",
         "simpleslicenet.choices",
         "simpleslicenet.executors",
+        "simpleslicenet.heap",
         "simpleslicenet.records",
         "simpleslicenet.random_state",
         "simpleslicenet.quiet",

@@ -79,3 +79,22 @@ def test_metrics_pool_lesions_and_average_false_clusters_over_healthy_volumes() 
     unset = LesionDetection(threshold=float("nan"))
     unset.update(batch)
     assert np.isnan(unset.compute().item())
+
+
+def test_components_agree_with_per_label_sums_and_maxima_on_random_maps() -> None:
+    from scipy import ndimage
+
+    from simpleslicenet.clusters import CONNECTIVITY
+
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        lesion = ndimage.binary_dilation(rng.random(SHAPE) > 0.97)
+        flagged = ndimage.binary_dilation(rng.random(SHAPE) > 0.98)
+        sizes, detected, false_clusters = lesion_components(flagged, lesion, voxel_ml=1.0)
+        lesions, n_lesions = ndimage.label(lesion, structure=CONNECTIVITY)
+        clusters, n_clusters = ndimage.label(flagged, structure=CONNECTIVITY)
+        assert n_lesions > 1 and n_clusters > 1
+        labels, cluster_labels = np.arange(1, n_lesions + 1), np.arange(1, n_clusters + 1)
+        assert sizes.tolist() == ndimage.sum_labels(lesion, lesions, labels).tolist()
+        assert detected.tolist() == ndimage.maximum(flagged, lesions, labels).astype(bool).tolist()
+        assert false_clusters == int((ndimage.maximum(lesion, clusters, cluster_labels) == 0).sum())

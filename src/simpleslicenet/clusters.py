@@ -84,13 +84,14 @@ def lesion_components(
     Returns:
         ``(sizes_ml, detected, false_clusters)`` with one entry of ``sizes_ml``/``detected`` per lesion.
     """
+    flagged, lesion = np.asarray(flagged, dtype=bool), np.asarray(lesion, dtype=bool)
     lesions, n_lesions = ndimage.label(lesion, structure=CONNECTIVITY)
     clusters, n_clusters = ndimage.label(flagged, structure=CONNECTIVITY)
-    labels = np.arange(1, n_lesions + 1)
-    sizes = ndimage.sum_labels(lesion, lesions, labels) * voxel_ml if n_lesions else np.zeros(0)
-    detected = ndimage.maximum(flagged, lesions, labels).astype(bool) if n_lesions else np.zeros(0, dtype=bool)
-    touching = ndimage.maximum(lesion, clusters, np.arange(1, n_clusters + 1)) if n_clusters else np.zeros(0)
-    return np.asarray(sizes, dtype=float), np.asarray(detected, dtype=bool), int((np.asarray(touching) == 0).sum())
+    # Counts per label over the voxels that matter (scipy's per-label maximum sorts the whole volume).
+    sizes = np.bincount(lesions.ravel(), minlength=n_lesions + 1)[1:] * voxel_ml
+    detected = np.bincount(lesions[flagged], minlength=n_lesions + 1)[1:] > 0
+    touching = np.count_nonzero(np.bincount(clusters[lesion], minlength=n_clusters + 1)[1:])
+    return np.asarray(sizes, dtype=float), np.asarray(detected, dtype=bool), n_clusters - touching
 
 
 def count_lesions(flagged: np.ndarray, lesion: np.ndarray, voxel_ml: float, min_lesion_ml: float) -> tuple[int, int, int]:

@@ -19,6 +19,7 @@ from simpleslicenet.data.slices import slice_masks, slice_stack
 from simpleslicenet.data.volume import VolumePreprocessing, load_volume
 from simpleslicenet.deploy.loading import ModelFileError, ModelOutputError, check_model_output, load_checkpoint_model
 from simpleslicenet.deploy.openvino import load_openvino
+from simpleslicenet.heap import reuse_freed_heap
 from simpleslicenet.model_metadata import ModelMetadata
 from simpleslicenet.models.scoring import score_volumes
 
@@ -114,6 +115,8 @@ class VolumeInferencer:
         self._device = torch.device(device.lower() if device.upper() != "CPU" else "cpu")
         self._model, self._metadata = load_checkpoint_model(self.model_path, device=str(self._device))
         self.backend = "torch"
+        if self._device.type == "cpu":
+            reuse_freed_heap()  # the eager encoder's activations, scan after scan (simpleslicenet.heap)
 
     # -- running -------------------------------------------------------------------------------
     def run_slices(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from simpleslicenet.models.smoothing import apply_separable
 from .precision import check_precision, encoder_autocast
 
 __all__ = [
+    "CPU_CHUNK_PIXELS",
     "FeatureStandardizer",
     "SliceFeatureExtractor",
     "aggregate_depth",
@@ -82,6 +83,20 @@ def channel_pool(features: torch.Tensor, out_channels: int, matrix: torch.Tensor
     if matrix is None:
         matrix = _adaptive_average_matrix(channels, out_channels).to(features)
     return F.conv2d(features, matrix[:, :, None, None])
+
+
+# On the CPU, a whole 1-mm volume through the backbone makes activations of hundreds of MB. Blocks
+# that large are above glibc's mmap threshold: each is mapped fresh and unmapped when freed, so the
+# kernel zero-fills every page again at every layer (2.3 million page faults and twice as much system
+# as user time a volume). Chunks of a few MB come from the heap, which keeps them for the next chunk
+# (with the heap settings of simpleslicenet.heap).
+CPU_CHUNK_PIXELS = 4 * 224 * 224
+
+
+def _traced(images: torch.Tensor) -> bool:
+    """Whether the call is being compiled, exported or traced (where a chunk loop would fix ``N``)."""
+    symbolic = not isinstance(images.shape[0], int)  # export and dynamic compilation trace symbolic sizes
+    return symbolic or torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 class SliceFeatureExtractor(nn.Module):
@@ -162,7 +177,20 @@ class SliceFeatureExtractor(nn.Module):
         return channel_pool(fused, self.out_dim, getattr(self, "_fuse_matrix", None))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Float32 embedding ``[N, out_dim, h, w]`` of ImageNet-normalised images ``[N, 3, H, W]``."""
+        """Float32 embedding ``[N, out_dim, h, w]`` of ImageNet-normalised images ``[N, 3, H, W]``.
+
+        Eager CPU calls run in chunks of about :data:`CPU_CHUNK_PIXELS` padded pixels (the same numbers up
+        to float32 rounding where a chunk has another batch size); a GPU, ``torch.compile`` and export see
+        one call over all ``N`` images.
+        """
+        pixels = (images.shape[-2] + 2 * self.padding) * (images.shape[-1] + 2 * self.padding)
+        chunk = max(1, CPU_CHUNK_PIXELS // pixels)
+        if images.device.type == "cpu" and not _traced(images) and images.shape[0] > chunk:
+            return torch.cat([self.embed_slices(part) for part in images.split(chunk)])
+        return self.embed_slices(images)
+
+    def embed_slices(self, images: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` in one call."""
         if self.padding:
             # The slice lies in a canvas of its darkest value; where its border is background, that is
             # the same as repeating the border. The slice's own values pass unchanged.

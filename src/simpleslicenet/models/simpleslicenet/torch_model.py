@@ -19,6 +19,7 @@ GPU options (both off by default; exported graphs are float32 whatever they say)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from anomalib.data import InferenceBatch
@@ -40,7 +41,36 @@ from .features import (
 from .flow import ConditionalFlow
 from .settings import AUTO, CLAMP, CONDITION_DIM, DEPTH_CONDITION_DIM, SimpleSliceNetSettings
 
-__all__ = ["SimpleSliceNetModel"]
+__all__ = ["SimpleSliceNetModel", "TrainingCells"]
+
+
+@dataclass(frozen=True)
+class TrainingCells:
+    """The cells of one volume (or of a batch of independent images) that train the flow.
+
+    Args:
+        rows: ``[M, C]`` raw features of those cells (before the standardiser).
+        keep: ``[n, h, w]`` which cells of the grid they are (``M`` true entries).
+        depth: Slices of the volume they come from; ``None`` for independent images.
+    """
+
+    rows: torch.Tensor
+    keep: torch.Tensor
+    depth: int | None
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the record holds."""
+        return sum(tensor.numel() * tensor.element_size() for tensor in (self.rows, self.keep))
+
+    def to(self, device: torch.device | str) -> TrainingCells:
+        """The same record on ``device``."""
+        return TrainingCells(self.rows.to(device), self.keep.to(device), self.depth)
+
+
+def _grid(cells: torch.Tensor) -> tuple[int, int, int]:
+    """``(n, h, w)`` of a cell grid ``[n, C, h, w]``."""
+    return (cells.shape[0], cells.shape[2], cells.shape[3])
 
 
 class SimpleSliceNetModel(nn.Module):
@@ -102,32 +132,36 @@ class SimpleSliceNetModel(nn.Module):
         self.anomaly_map_generator.sigma = settings.sigma_voxels if settings.smooths_in_graph else 0.0
 
     # ----------------------------------------------------------------- features and their conditions
-    def conditions(self, cells: torch.Tensor, depth_positions: torch.Tensor | None) -> torch.Tensor:
-        """Condition grid ``[n, P, h, w]`` for a feature grid ``[n, C, h, w]``.
+    def conditions(self, grid: Sequence[int], depth: int | None, device: torch.device | None = None) -> torch.Tensor:
+        """Condition grid ``[n, P, h, w]`` of a cell grid ``(n, h, w)``.
 
         Args:
-            cells: Features whose spatial size the 2-D code takes.
-            depth_positions: Centre slice of each of the ``n`` rows (used with ``depth_position``);
-                ``None`` gives independent images a zero depth code.
+            grid: Cells ``(n, h, w)``.
+            depth: Slices of the volume whose depth cells the ``n`` rows are (used with ``depth_position``);
+                ``None``: ``n`` independent images, with a zero depth code.
+            device: Where to build it.
         """
-        count, _, height, width = cells.shape
-        code = positional_encoding_2d(CONDITION_DIM, height, width, device=cells.device).to(cells.dtype)
+        count, height, width = grid
+        code = positional_encoding_2d(CONDITION_DIM, height, width, device=device)
         code = code.unsqueeze(0).expand(count, -1, -1, -1)
         if not self.settings.depth_position:
             return code
-        if depth_positions is None:
-            depth_code = cells.new_zeros(count, DEPTH_CONDITION_DIM)
+        if depth is None:
+            depth_code = code.new_zeros(count, DEPTH_CONDITION_DIM)
         else:
-            depth_code = positional_encoding_1d(depth_positions, DEPTH_CONDITION_DIM).to(cells.dtype)
+            centres = depth_cell_centres(depth, self.settings.depth_window, self.settings.depth_stride, device=device)
+            depth_code = positional_encoding_1d(centres, DEPTH_CONDITION_DIM)
         depth_code = depth_code[:, :, None, None].expand(-1, -1, height, width)
         return torch.cat([code, depth_code], dim=1)
 
+    def depth_cells(self, features: torch.Tensor) -> torch.Tensor:
+        """Depth cells ``[n, C, h, w]`` of one volume's slice features ``[D, C, h, w]``."""
+        return aggregate_depth(features, self.settings.depth_window, self.settings.depth_stride)
+
     def volume_cells(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Depth cells ``[n, C, h, w]`` of one volume's slice features and their conditions."""
-        window, stride = self.settings.depth_window, self.settings.depth_stride
-        cells = aggregate_depth(features, window, stride)
-        centres = depth_cell_centres(features.shape[0], window, stride, device=features.device)
-        return cells, self.conditions(cells, centres)
+        cells = self.depth_cells(features)
+        return cells, self.conditions(_grid(cells), features.shape[0], cells.device)
 
     @staticmethod
     def to_rows(grid: torch.Tensor) -> torch.Tensor:
@@ -138,40 +172,67 @@ class SimpleSliceNetModel(nn.Module):
         """Feature rows as the flow takes them (standardised when the model standardises)."""
         return rows if self.standardizer is None else self.standardizer(rows)
 
+    @torch.no_grad()
+    def training_cells(
+        self,
+        images: torch.Tensor,
+        volumes: Sequence[slice] | None = None,
+        brain: torch.Tensor | None = None,
+    ) -> list[TrainingCells]:
+        """The frozen encoder's part of training: the cells of each volume in ``images`` that train the flow.
+
+        Args:
+            images: ImageNet-normalised slices ``[N, 3, H, W]``.
+            volumes: Rows of each whole volume in ``images``; depth cells never mix volumes.
+                ``None`` treats the rows as independent images (no depth aggregation), one part.
+            brain: Brain masks ``[N, H, W]`` of the slices: keep only the cells that hold brain
+                (``None``: every cell).
+        """
+        features = self.encoder(images)
+        grid = tuple(features.shape[-2:])
+        window, stride = self.settings.depth_window, self.settings.depth_stride
+        if volumes is None:
+            parts = [(features, None, None if brain is None else brain_cell_share(brain, grid, window=1, stride=1))]
+        else:
+            parts = [
+                (
+                    self.depth_cells(features[rows]),
+                    features[rows].shape[0],
+                    None if brain is None else brain_cell_share(brain[rows], grid, window, stride),
+                )
+                for rows in volumes
+            ]
+        training = []
+        for cells, depth, share in parts:
+            keep = torch.ones(_grid(cells), dtype=torch.bool, device=cells.device) if share is None else share > 0
+            training.append(TrainingCells(rows=self.to_rows(cells)[keep.flatten()], keep=keep, depth=depth))
+        return training
+
+    def flow_batch(self, parts: Sequence[TrainingCells]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flow inputs ``[M, C]`` and conditions ``[M, P]`` of training cells, in order.
+
+        The first call fits the standardiser (``standardize_features``) on its rows.
+        """
+        with torch.no_grad():
+            rows = torch.cat([part.rows for part in parts])
+            conditions = torch.cat(
+                [
+                    self.to_rows(self.conditions(part.keep.shape, part.depth, part.keep.device))[part.keep.flatten()]
+                    for part in parts
+                ]
+            )
+            if self.standardizer is not None and not bool(self.standardizer.fitted):
+                self.standardizer.fit(rows)
+            return self.flow_inputs(rows), conditions
+
     def training_features(
         self,
         images: torch.Tensor,
         volumes: Sequence[slice] | None = None,
         brain: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flow inputs ``[M, C]`` and conditions ``[M, P]`` of a training batch.
-
-        The first call fits the standardiser (``standardize_features``) on its rows.
-
-        Args:
-            images: ImageNet-normalised slices ``[N, 3, H, W]``.
-            volumes: Rows of each whole volume in ``images``; depth cells never mix volumes.
-                ``None`` treats the rows as independent images (no depth aggregation).
-            brain: Brain masks ``[N, H, W]`` of the slices: keep only the cells that hold brain
-                (``None``: every cell).
-        """
-        with torch.no_grad():
-            features = self.encoder(images)
-            if volumes is None:
-                grids = [(features, self.conditions(features, None))]
-                shares = None if brain is None else [brain_cell_share(brain, features.shape[-2:], window=1, stride=1)]
-            else:
-                grids = [self.volume_cells(features[rows]) for rows in volumes]
-                depth = (self.settings.depth_window, self.settings.depth_stride)
-                shares = None if brain is None else [brain_cell_share(brain[rows], features.shape[-2:], *depth) for rows in volumes]
-            rows = torch.cat([self.to_rows(cells) for cells, _ in grids])
-            conditions = torch.cat([self.to_rows(condition) for _, condition in grids])
-            if shares is not None:
-                keep = torch.cat([share.flatten() for share in shares]) > 0
-                rows, conditions = rows[keep], conditions[keep]
-            if self.standardizer is not None and not bool(self.standardizer.fitted):
-                self.standardizer.fit(rows)
-        return self.flow_inputs(rows), conditions
+        """Flow inputs ``[M, C]`` and conditions ``[M, P]`` of a training batch (:meth:`training_cells`, :meth:`flow_batch`)."""
+        return self.flow_batch(self.training_cells(images, volumes, brain))
 
     # ----------------------------------------------------------------------------------- inference
     def log_likelihood_grid(self, cells: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
@@ -182,16 +243,23 @@ class SimpleSliceNetModel(nn.Module):
 
     def predict_volume(self, images: torch.Tensor) -> torch.Tensor:
         """Raw voxel map ``[D, H, W]`` of ONE volume's slices ``[D, 3, H, W]``."""
-        features = self.encoder(images)
-        cells, conditions = self.volume_cells(features)
-        log_likelihood = self.log_likelihood_grid(cells, conditions)
         depth, _, height, width = images.shape
-        return self.anomaly_map_generator.volume_map(log_likelihood, (depth, height, width))
+        return self.map_of_cells(self.depth_cells(self.encoder(images)), (depth, height, width))
+
+    def map_of_cells(self, cells: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        """Raw voxel map ``[D, H, W]`` of one volume's depth cells ``[n, C, h, w]`` (:meth:`depth_cells`).
+
+        Args:
+            cells: The cells of a volume of ``shape``.
+            shape: ``(D, H, W)`` of its slices.
+        """
+        conditions = self.conditions(_grid(cells), shape[0], cells.device)
+        return self.anomaly_map_generator.volume_map(self.log_likelihood_grid(cells, conditions), tuple(shape))
 
     def predict_images(self, images: torch.Tensor) -> InferenceBatch:
         """Pixel maps ``[N, H, W]`` and image scores ``[N]`` of independent images ``[N, 3, H, W]``."""
         features = self.encoder(images)
-        log_likelihood = self.log_likelihood_grid(features, self.conditions(features, None))
+        log_likelihood = self.log_likelihood_grid(features, self.conditions(_grid(features), None, features.device))
         anomaly_map = self.anomaly_map_generator.image_maps(log_likelihood, tuple(images.shape[-2:]))
         return InferenceBatch(pred_score=slice_scores(anomaly_map), anomaly_map=anomaly_map)
 

@@ -4,35 +4,20 @@ PatchCore's k-center-greedy loop grows the glibc heap by ~12 MB a step on CPU un
 killed, because each step frees and re-allocates a large distance buffer just below glibc's dynamic
 mmap threshold. Building a :class:`PatchcoreSlices` lowers that threshold to 8 MiB
 (``mallopt(M_MMAP_THRESHOLD)``), so large buffers go back to the system when freed. It is done where
-PatchCore runs, not at import, and is a no-op on platforms without glibc.
+PatchCore runs, not at import, and is a no-op on platforms without glibc (:mod:`simpleslicenet.heap`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import platform
-import sys
 from collections.abc import Sequence
 
 from anomalib.models import Patchcore
 
+from simpleslicenet.heap import limit_heap_growth
 from simpleslicenet.models.backbones import DEFAULT_BACKBONE, DEFAULT_LAYER_NAMES
 from simpleslicenet.models.slicewise.mixin import SliceWiseMixin
 
-__all__ = ["PatchcoreSlices", "limit_heap_growth"]
-
-_M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
-
-
-def limit_heap_growth(threshold_bytes: int = 8 << 20) -> bool:
-    """Serve allocations above ``threshold_bytes`` with mmap so they go back to the system when freed."""
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
+__all__ = ["PatchcoreSlices"]
 
 
 class PatchcoreSlices(SliceWiseMixin, Patchcore):
