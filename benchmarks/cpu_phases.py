@@ -146,14 +146,11 @@ def export(checkpoint: Path, folder: Path) -> Path:
 
 
 def predict_process(model: Path, scans: Path, output: Path, count: int) -> dict[str, float]:
-    """``simpleslicenet predict`` over every scan in ``scans`` as a fresh process, per scan."""
-    command = [sys.executable, "-m", "simpleslicenet.cli", "predict", "--model", str(model)]
-    command += ["--input", str(scans), "--output", str(output)]
+    """``simpleslicenet predict`` over every scan in ``scans`` as a fresh process (``predict_profile.py``'s), per scan."""
+    from predict_profile import whole_process
+
     start = usage(resource.RUSAGE_CHILDREN)
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
-    if completed.returncode:
-        msg = f"predict failed ({completed.returncode}): {completed.stderr[-2000:]}"
-        raise RuntimeError(msg)
+    whole_process(model, scans, output)
     return spent(start, usage(resource.RUSAGE_CHILDREN), count)
 
 
@@ -168,7 +165,6 @@ def reference_step(grid: tuple[int, int, int]) -> dict:
     from simpleslicenet.models.simpleslicenet.lightning_model import fit_flow_on_features
     from simpleslicenet.models.simpleslicenet.loss import create_loss
 
-    sys.path.insert(0, str(HERE))
     from speed import unfolded_embedding
 
     torch.manual_seed(0)
@@ -250,6 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    sys.path.insert(0, str(HERE))  # the sibling scripts whose helpers this one reuses
     grid = GRIDS[args.spacing]
     work = args.work or Path(tempfile.mkdtemp(prefix="simpleslicenet-cpu-phases-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -268,7 +265,6 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     exported = child("export", args, work)
     export_s = time.perf_counter() - start
-    sys.path.insert(0, str(HERE))
     from predict_profile import prepare_scans
 
     scans = work / "scans"
