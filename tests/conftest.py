@@ -54,6 +54,24 @@ def tiny_engine(root: Path, max_epochs: int = 2, **kwargs):  # noqa: ANN201
     )
 
 
+def children_running(pid: int, module: str) -> list:
+    """The child processes of ``pid`` that run ``python -m <module>``.
+
+    Imports start short-lived helpers of their own (``ldconfig -p``), before a parent has its signal
+    handler in place: a test that waits for "any child" can signal the parent too early.
+    """
+    import psutil
+
+    found = []
+    for child in psutil.Process(pid).children():
+        try:
+            if module in child.cmdline():
+                found.append(child)
+        except psutil.Error:  # it ended between the listing and the look
+            continue
+    return found
+
+
 @pytest.fixture(scope="session")
 def trained_simpleslicenet(phantom_datamodule, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN001, ANN201
     """SimpleSliceNet fitted on the tiny phantom through anomalib's Engine: ``(model, engine, checkpoint)``."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import PHANTOM_KWARGS, TINY_SIMPLESLICENET
+from conftest import PHANTOM_KWARGS, TINY_SIMPLESLICENET, children_running
 
 pytestmark = pytest.mark.slow
 
@@ -133,7 +133,7 @@ def test_stopping_a_sweep_stops_its_running_child(phantom_root: Path, tmp_path: 
         children: list[psutil.Process] = []
         while not children and time.monotonic() < deadline and parent.poll() is None:
             time.sleep(0.2)
-            children = psutil.Process(parent.pid).children(recursive=True)
+            children = children_running(parent.pid, "simpleslicenet.benchmark.single_run")
         assert children, "the sweep started no run"
         parent.send_signal(signal.SIGTERM)
         status = parent.wait(timeout=60)

@@ -20,6 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import children_running
 
 from simpleslicenet.atomic import TEMP_PREFIX
 from simpleslicenet.bids import ParticipantOptions, run_participant
@@ -215,7 +216,7 @@ def test_stopping_a_bids_run_stops_its_workers(bids_app: dict, tmp_path: Path) -
         children: list[psutil.Process] = []
         while len(children) < 2 and time.monotonic() < deadline and parent.poll() is None:
             time.sleep(0.2)
-            children = psutil.Process(parent.pid).children(recursive=True)
+            children = children_running(parent.pid, "simpleslicenet.bids.worker")
         assert len(children) == 2, "the run started no workers"
         time.sleep(1.0)  # while they load the model, each with a subject waiting on its input
         parent.send_signal(signal.SIGTERM)
