@@ -342,3 +342,31 @@ def test_datamodule_default_root_and_bad_arguments(monkeypatch: pytest.MonkeyPat
     with pytest.raises(ValueError, match="at least 2 healthy"):
         BrainPhantom(n_healthy=1)
 
+
+
+def test_a_test_site_tests_on_another_generator_and_validates_on_the_training_site(phantom_root: Path, tmp_path: Path) -> None:
+    from conftest import PHANTOM_KWARGS
+
+    from simpleslicenet.data.datamodules.phantom import BrainPhantom
+
+    root = tmp_path / "site_a"
+    root.symlink_to(phantom_root, target_is_directory=True)  # the training site is the session's phantom
+    site = {"deformation_mm": 6.0, "bias_strength": 0.35, "noise": [0.03, 0.05]}
+    datamodule = BrainPhantom(root=root, target_shape=(32, 32, 16), progress=False, test_site=site, **PHANTOM_KWARGS)
+    datamodule.setup()
+    table = datamodule.volume_table
+    one_site = BrainPhantom(root=root, target_shape=(32, 32, 16), progress=False, **PHANTOM_KWARGS)
+    one_site.setup()
+    plain = one_site.volume_table.set_index("volume_id")["split"]
+    # Training is the one-site phantom's; every other volume of the training site validates.
+    here = table[~table["volume_id"].str.startswith("site-")].set_index("volume_id")["split"]
+    assert (here[plain == "train"] == "train").all() and (here[plain != "train"] == "val").all()
+    tested = table[table["split"] == "test"]
+    assert len(tested) == PHANTOM_KWARGS["n_healthy"] + PHANTOM_KWARGS["n_lesion"]
+    assert tested["volume_id"].str.startswith("site-").all() and set(tested["label_index"]) == {0, 1}
+    manifest = json.loads((datamodule.test_site_root / "manifest.json").read_text())
+    assert manifest["parameters"]["seed"] == PHANTOM_KWARGS["seed"] + 1
+    assert manifest["parameters"]["options"]["noise"] == [0.03, 0.05]
+    assert manifest["parameters"]["options"]["deformation_mm"] == 6.0
+    with pytest.raises(ValueError, match=r"unknown generator settings \['noise_level'\]"):
+        BrainPhantom(root=root, test_site={"noise_level": 0.1})

@@ -16,15 +16,18 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Sequence
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from simpleslicenet.data.datamodules.base import VolumeDataModule
-from simpleslicenet.data.phantom import generate_phantom_dataset, read_manifest, subject_files
+from simpleslicenet.data.phantom import PhantomOptions, generate_phantom_dataset, read_manifest, subject_files
 from simpleslicenet.data.phantom.contrasts import check_contrast
 from simpleslicenet.data.phantom.lesions import check_families
 
@@ -54,6 +57,12 @@ class BrainPhantom(VolumeDataModule):
             every generated brain in-plane (the largest the sweeps meet spans 82×101 voxels at 2 mm): a
             grid that cuts the brain leaves a straight tissue edge that scores as anomalous.
         train_fraction: Share of healthy subjects used for training.
+        test_site: Another site for the test scans: :class:`~simpleslicenet.data.phantom.PhantomOptions`
+            fields that differ from the generator's defaults there (e.g. ``{"deformation_mm": 6.0,
+            "bias_strength": 0.35, "noise": [0.03, 0.05]}``). The test volumes are then a second phantom
+            (seed ``seed + 1``, as many subjects, generated beside ``root``), and validation keeps every
+            non-training volume of the training site, so thresholds are chosen where the model was trained.
+            ``None``: one site.
         lesion_families: Lesion families of the lesion subjects, taken in turn: ``"tumour"`` (1–3
             tumours with oedema and mass effect), ``"small"`` (one of about 1–4 cm³), ``"multifocal"``
             (4–10 MS-like white-matter foci of 3–10 mm), ``"hypointense"`` (stroke-like, darker than
@@ -75,6 +84,7 @@ class BrainPhantom(VolumeDataModule):
         target_shape: tuple[int, int, int] = (96, 104, 48),
         train_fraction: float = 2 / 3,
         lesion_families: Sequence[str] = ("tumour",),
+        test_site: dict | None = None,
         progress: bool = True,
         **kwargs,
     ) -> None:
@@ -101,37 +111,65 @@ class BrainPhantom(VolumeDataModule):
         self.n_lesion = int(n_lesion)
         self.train_fraction = float(train_fraction)
         self.lesion_families = families
+        self.test_site = _site_options(test_site)
         self.progress = progress
         self.category = f"phantom_{modality}"
 
+    @property
+    def test_site_root(self) -> Path | None:
+        """Folder of the test site's phantom (beside ``root``), or ``None`` without a test site."""
+        if self.test_site is None:
+            return None
+        digest = hashlib.sha256(json.dumps(asdict(self.test_site), sort_keys=True).encode()).hexdigest()[:8]
+        return self.root.with_name(f"{self.root.name}_site-{digest}")
+
     def prepare_data(self) -> None:
-        """Generate the phantom unless ``root`` already holds this exact one."""
-        generate_phantom_dataset(
-            self.root,
-            n_healthy=self.n_healthy,
-            n_lesion=self.n_lesion,
-            contrast=self.preprocessing.modality,
-            seed=self.seed,
-            spacing_mm=self.preprocessing.spacing_mm,
-            progress=self.progress,
-            lesion_families=self.lesion_families,
-        )
+        """Generate the phantom (and the test site's) unless their folders already hold these exact ones."""
+        sites = [(self.root, self.seed, None)]
+        if self.test_site is not None:
+            sites.append((self.test_site_root, self.seed + 1, self.test_site))
+        for root, seed, options in sites:
+            generate_phantom_dataset(
+                root,
+                n_healthy=self.n_healthy,
+                n_lesion=self.n_lesion,
+                contrast=self.preprocessing.modality,
+                seed=seed,
+                spacing_mm=self.preprocessing.spacing_mm,
+                options=options,
+                progress=self.progress,
+                lesion_families=self.lesion_families,
+            )
 
     def make_samples(self) -> pd.DataFrame:
-        """One row per subject: healthy ones split train / test by whole subject, lesion ones test."""
+        """One row per subject: healthy ones split train / test by whole subject, lesion ones test.
+
+        With a test site, the training site's non-training subjects are the validation volumes and the
+        test site's subjects the test volumes.
+        """
         # setup() may run without prepare_data() (e.g. a fresh process); generation is a no-op when done.
         self.prepare_data()
-        manifest = read_manifest(self.root)
+        samples = self._site_samples(self.root, self.seed)
+        if self.test_site is None:
+            return samples
+        samples.loc[samples["split"] == "test", "split"] = "val"
+        tested = self._site_samples(self.test_site_root, self.seed + 1)
+        tested["split"] = "test"
+        tested["volume_id"] = "site-" + tested["volume_id"]
+        return pd.concat([samples, tested], ignore_index=True)
+
+    def _site_samples(self, root: Path, seed: int) -> pd.DataFrame:
+        manifest = read_manifest(root)
         if manifest is None:
-            msg = f"{self.root}: no phantom manifest after generation"
+            msg = f"{root}: no phantom manifest after generation"
             raise RuntimeError(msg)
         healthy = [entry["index"] for entry in manifest["subjects"] if entry["label"] == "healthy"]
         n_train = min(max(int(round(len(healthy) * self.train_fraction)), 1), len(healthy) - 1)
-        rng = np.random.default_rng(self.seed)
+        rng = np.random.default_rng(seed)
         train = {int(i) for i in rng.choice(healthy, size=n_train, replace=False)}
         rows = []
         for entry in manifest["subjects"]:
-            files = subject_files(self.root, entry["index"], self.preprocessing.modality)
+            files = subject_files(root, entry["index"], self.preprocessing.modality)
             is_lesion = entry["label"] == "lesion"
             rows.append(
                 {
@@ -147,3 +185,16 @@ class BrainPhantom(VolumeDataModule):
                 }
             )
         return pd.DataFrame(rows)
+
+
+def _site_options(overrides: dict | None) -> PhantomOptions | None:
+    """The generator's options with ``overrides`` (a test site), checked by name."""
+    if overrides is None:
+        return None
+    known = {item.name for item in fields(PhantomOptions)} - {"lesions"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        msg = f"test_site: unknown generator settings {unknown}; known: {sorted(known)}"
+        raise ValueError(msg)
+    values = {key: tuple(value) if isinstance(value, list) else value for key, value in overrides.items()}
+    return PhantomOptions(**values)
