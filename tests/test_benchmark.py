@@ -71,13 +71,13 @@ def test_sweep_writes_report_and_resumes(phantom_root: Path, tmp_path: Path, mon
     from anomalib.engine import Engine
 
     from simpleslicenet.benchmark.single_run import load_datamodule
-    from simpleslicenet.models.registry import create_model
+    from simpleslicenet.models.registry import get_model_class
 
     ssn = results[0]
     checkpoint = tmp_path / "out" / "runs" / ssn["run_id"] / ssn["checkpoint"]
     datamodule = load_datamodule(ssn["dataset_class"], {**ssn["dataset_args"], "seed": ssn["seed"]})
     engine = Engine(accelerator="cpu", default_root_dir=tmp_path / "retest", logger=False, enable_progress_bar=False)
-    model = create_model("SimpleSliceNet", visualizer=False, **ssn["model_args"])
+    model = get_model_class("SimpleSliceNet")(visualizer=False, **ssn["model_args"])
     [retested] = engine.test(model, datamodule=datamodule, ckpt_path=checkpoint)
     assert set(retested) == set(ssn["metrics"])
     for name, value in ssn["metrics"].items():
@@ -145,3 +145,29 @@ def test_stopping_a_sweep_stops_its_running_child(phantom_root: Path, tmp_path: 
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_a_configured_entry_gets_its_configuration_alone(tmp_path: Path) -> None:
+    """An entry's ``config`` is the model's whole configuration; without one, the registered configuration applies."""
+    from simpleslicenet.benchmark import load_sweep
+    from simpleslicenet.benchmark.single_run import get_model_class
+    from simpleslicenet.models.registry import model_defaults
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "datasets": {"phantom": {"class_path": "BrainPhantom"}},
+                "models": {
+                    "configured": {"name": "SimpleSliceNet", "config": "simpleslicenet_phantom.yaml"},
+                    "registered": {"name": "SimpleSliceNet", "init_args": {"flow_blocks": 2}},
+                },
+            }
+        )
+    )
+    configured, registered = load_sweep(path).runs
+    assert "variant" not in configured.model_args and configured.model_args["smoothing_sigma"] == 3.0
+    model = get_model_class("SimpleSliceNet")(visualizer=False, **{**configured.model_args, "backbone_weights": "random"})
+    assert (model.settings.variant, model.settings.loss, model.settings.depth_stride) == ("package", "triplet", 1)
+    defaults = {key: list(value) if isinstance(value, tuple) else value for key, value in model_defaults("SimpleSliceNet").items()}
+    assert registered.model_args == {**defaults, "flow_blocks": 2} and registered.model_args["variant"] == "paper"

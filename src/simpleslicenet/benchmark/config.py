@@ -41,7 +41,7 @@ from pathlib import Path
 import yaml
 
 from simpleslicenet.benchmark.executors import ExecutorSettings
-from simpleslicenet.models.registry import config_init_args, packaged_config
+from simpleslicenet.models.registry import config_init_args, get_spec, model_defaults, packaged_config
 
 __all__ = ["RunSpec", "SweepConfig", "load_sweep"]
 
@@ -93,15 +93,21 @@ def _merge(base: dict, override: dict | None) -> dict:
     return merged
 
 
-def _model_args(entry: dict, sweep_path: Path) -> dict:
-    """An entry's ``init_args`` over those of its ``config`` (a packaged model configuration), if any."""
+def _model_args(entry: dict, name: str, sweep_path: Path) -> dict:
+    """Every argument the entry's model gets: its ``init_args`` over those of its ``config``.
+
+    Without a ``config`` the registered model's own configuration gives the defaults. With one, that
+    configuration is the model's whole configuration (the class's defaults fill the rest), as with
+    ``anomalib train --config``: its settings never mix with the registered configuration's.
+    """
     if not entry.get("config"):
-        return dict(entry.get("init_args", {}))
-    try:
-        base = config_init_args(packaged_config(entry["config"]))
-    except FileNotFoundError as error:
-        msg = f"{sweep_path}: {error}"
-        raise ValueError(msg) from error
+        base = model_defaults(name) if get_spec(name) is not None else {}
+    else:
+        try:
+            base = config_init_args(packaged_config(entry["config"]))
+        except FileNotFoundError as error:
+            msg = f"{sweep_path}: {error}"
+            raise ValueError(msg) from error
     # Plain lists, as YAML gives them, so the run id does not depend on where an argument came from.
     base = {key: list(value) if isinstance(value, tuple) else value for key, value in base.items()}
     return {**base, **entry.get("init_args", {})}
@@ -131,7 +137,7 @@ def load_sweep(path: str | Path, output: str | Path | None = None) -> SweepConfi
             raise ValueError(msg)
         for model_name, model in config["models"].items():
             model = model or {}
-            model_args = _model_args(model, path)
+            model_args = _model_args(model, model.get("name", model_name), path)
             for seed in seeds:
                 runs.append(
                     RunSpec(

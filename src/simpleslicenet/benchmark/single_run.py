@@ -27,7 +27,7 @@ from simpleslicenet.benchmark.callbacks import ExampleDrawer, InferenceTimer
 from simpleslicenet.data import datamodules
 from simpleslicenet.metrics.breakdown import MetricBreakdown
 from simpleslicenet.metrics.calibrated import CalibratedEvaluation, calibrate_model
-from simpleslicenet.models.registry import create_model
+from simpleslicenet.models.registry import get_model_class
 from simpleslicenet.training.selection import ValidationSliceAUROCCheckpoint
 
 __all__ = ["run_single", "load_datamodule"]
@@ -63,7 +63,8 @@ def run_single(spec: dict, out_dir: Path) -> dict:
     seed_everything(spec["seed"], workers=True)
     datamodule = load_datamodule(spec["dataset_class"], {**spec["dataset_args"], "seed": spec["seed"]})
     # Maps are not written during the sweep; the example picture is drawn by a callback instead.
-    model = create_model(spec["model"], **{"visualizer": False, **spec["model_args"]})
+    # The spec holds every argument (simpleslicenet.benchmark.config): no registered defaults are added here.
+    model = get_model_class(spec["model"])(**{"visualizer": False, **spec["model_args"]})
     timer = InferenceTimer()
     example = ExampleDrawer(out_dir / "example.png", spec["label"])
     breakdown = MetricBreakdown()
