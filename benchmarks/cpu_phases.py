@@ -170,7 +170,13 @@ def reference_step(grid: tuple[int, int, int]) -> dict:
     torch.manual_seed(0)
     width, height, depth = grid
     backbone = create_feature_extractor("wide_resnet50_2", ["layer2", "layer3"], "random").eval()
-    flow = ConditionalFlow(dims=512, condition_dims=128, blocks=8, clamp=1.9)
+    class FreiaFlow(ConditionalFlow):
+        """The same blocks run by FrEIA itself, each row's condition a copy of its code (as the authors' code does)."""
+
+        def forward(self, features: torch.Tensor, conditions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.inn(features, c=[conditions])
+
+    flow = FreiaFlow(dims=512, condition_dims=128, blocks=8, clamp=1.9)
     optimizer = torch.optim.Adam(flow.parameters(), lr=1e-3)
     loss = create_loss("authors_triplet")
     images = torch.randn(depth, 3, height, width)

@@ -226,7 +226,7 @@ def build_variant(key: str, variant: str, reference: dict, device: torch.device,
                     features = model.encoder(images.contiguous(memory_format=torch.channels_last))
                     cells, conditions = model.volume_cells(features)
                     # The couplings called directly, without the float32 pin of ConditionalFlow.forward.
-                    z, log_det = model.flow.inn(model.to_rows(cells), c=[model.to_rows(conditions)])
+                    z, log_det = model.flow.couplings(model.to_rows(cells), conditions)
                 grid = log_likelihood(z.float(), log_det.float()).view(cells.shape[0], *cells.shape[-2:])
                 return _scored(model.anomaly_map_generator.volume_map(grid, tuple(grey.shape)), brain, scoring)
 

@@ -132,7 +132,7 @@ def run_case(case: dict) -> dict:
         def work() -> None:
             with autocast:
                 features, conditions = model.training_features(images, [slice(0, depth)])
-            fit_flow_on_features(model.flow, loss_function, features.float(), conditions.float(), optimizer)
+            fit_flow_on_features(model.flow, loss_function, features.float(), conditions, optimizer)
 
     elif kind == "infer":
         model.eval()

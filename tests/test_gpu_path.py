@@ -209,7 +209,7 @@ def test_flow_and_map_stay_float32_under_outer_autocast(trained_state: dict, pha
         expected = model.log_likelihood_grid(cells, conditions)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             pinned = model.log_likelihood_grid(cells, conditions)
-            unpinned, _ = model.flow.inn(model.to_rows(cells), c=[model.to_rows(conditions)])
+            unpinned, _ = model.flow.couplings(model.to_rows(cells), conditions)
             score_map = model.anomaly_map_generator.volume_map(expected, (slices.shape[0], 32, 32))
         reference_map = model.anomaly_map_generator.volume_map(expected, (slices.shape[0], 32, 32))
     assert pinned.dtype == score_map.dtype == torch.float32
@@ -223,7 +223,7 @@ def test_bf16_training_features_are_float32_and_train(trained_state: dict, phant
     reference, bf16 = _variant(trained_state).train(), _variant(trained_state, precision="bf16").train()
     expected, _ = reference.training_features(slices, [slice(0, slices.shape[0])])
     features, conditions = bf16.training_features(slices, [slice(0, slices.shape[0])])
-    assert features.dtype == conditions.dtype == torch.float32
+    assert features.dtype == conditions.dense().dtype == torch.float32
     assert relative_difference(features, expected) < BF16_TOLERANCE
     optimizer = torch.optim.Adam(bf16.flow.parameters(), lr=1e-3)
     loss = fit_flow_on_features(bf16.flow, create_loss("bgspp"), features, conditions, optimizer, features_per_step=512)

@@ -19,8 +19,10 @@ from simpleslicenet.models.simpleslicenet.features import (
     channel_pool,
     depth_cell_centres,
     pool_neighbourhood,
+    positional_encoding_1d,
     positional_encoding_2d,
 )
+from simpleslicenet.models.simpleslicenet.conditions import PositionCodes
 from simpleslicenet.models.simpleslicenet.flow import ConditionalFlow, log_likelihood
 from simpleslicenet.models.simpleslicenet.settings import SimpleSliceNetSettings
 from simpleslicenet.models.simpleslicenet.loss import (
@@ -211,6 +213,52 @@ def test_flow_training_on_gaussian_data_raises_the_likelihood() -> None:
     assert after > true - 0.25
 
 
+def test_factored_conditions_give_freias_flow_and_gradients() -> None:
+    """The flow's own pass with factored conditions is FrEIA's pass on the conditions row by row."""
+    torch.manual_seed(0)
+    flow = ConditionalFlow(dims=8, condition_dims=10, blocks=3)
+    codes = PositionCodes.on_grid((torch.randn(4, 6), torch.randn(3, 4)), shape=(2, 3, 4), axes=(None, 1, 0))
+    features = torch.randn(len(codes), 8)
+    z, log_jac_det = flow(features, codes)
+    z.square().sum().add(log_jac_det.sum()).backward()
+    ours = {name: parameter.grad.clone() for name, parameter in flow.named_parameters() if parameter.requires_grad}
+    flow.zero_grad()
+    freia_z, freia_log_jac_det = flow.inn(features, c=[codes.dense()])
+    freia_z.square().sum().add(freia_log_jac_det.sum()).backward()
+    torch.testing.assert_close(z, freia_z)
+    torch.testing.assert_close(log_jac_det, freia_log_jac_det)
+    for name, grad in ours.items():
+        torch.testing.assert_close(grad, dict(flow.named_parameters())[name].grad, msg=name)
+
+
+def test_position_codes_select_and_project_their_rows() -> None:
+    codes = PositionCodes.on_grid((torch.randn(4, 2), torch.randn(3, 5)), shape=(3, 4), axes=(1, 0))
+    assert codes.index.tolist()[:5] == [[0, 0], [1, 0], [2, 0], [3, 0], [0, 1]]  # row-major: the column runs fastest
+    dense = codes.dense()
+    weight = torch.randn(6, 7)
+    torch.testing.assert_close(codes.project(weight), dense @ weight.T)
+    chosen = torch.tensor([5, 0, 5, 11])
+    assert torch.equal(codes.select(chosen).dense(), dense[chosen])
+    assert torch.equal(PositionCodes.of_rows(dense).dense(), dense)
+
+
+def test_conditions_are_the_2d_code_then_the_depth_code_of_each_cell(volume: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    model = SimpleSliceNetModel(SimpleSliceNetSettings(flow_blocks=2, smoothing_sigma=1.0))
+    window, stride = model.settings.depth_window, model.settings.depth_stride
+    plane = positional_encoding_2d(128, 3, 4).expand(5, -1, -1, -1)
+    depth = positional_encoding_1d(depth_cell_centres(13, window, stride), 32)[:, :, None, None].expand(-1, -1, 3, 4)
+    expected = model.to_rows(torch.cat([plane, depth], dim=1))
+    assert torch.equal(model.conditions((5, 3, 4), 13).dense(), expected)
+    images = model.conditions((5, 3, 4), None).dense()  # independent images: a zero depth code
+    assert torch.equal(images, torch.cat([expected[:, :128], torch.zeros(60, 32)], dim=1))
+    # Training batches: one grid for volumes of different depths, each cell keeps its own code.
+    parts = model.training_cells(volume, [slice(0, 16), slice(0, 7)])
+    _, conditions = model.flow_batch(parts)
+    each = [model.conditions(part.keep.shape, part.depth).dense()[part.keep.flatten()] for part in parts]
+    assert torch.equal(conditions.dense(), torch.cat(each))
+
+
 def test_flow_construction_is_reproducible_under_a_seed() -> None:
     torch.manual_seed(3)
     first = ConditionalFlow(dims=6, condition_dims=4, blocks=2)
@@ -330,7 +378,7 @@ def test_training_features_of_brain_cells_only(tiny_model: SimpleSliceNetModel, 
     inside = share.flatten() > 0
     assert 0 < inside.sum() < inside.numel()
     torch.testing.assert_close(kept, every[inside])
-    torch.testing.assert_close(kept_conditions, every_conditions[inside])
+    torch.testing.assert_close(kept_conditions.dense(), every_conditions.dense()[inside])
 
 
 def test_standardised_model_fits_once_and_scores_standardised_rows(volume: torch.Tensor) -> None:
@@ -343,7 +391,7 @@ def test_standardised_model_fits_once_and_scores_standardised_rows(volume: torch
     torch.testing.assert_close(model.standardizer.mean, mean, rtol=0, atol=0)
     model.eval()
     cells, conditions = model.volume_cells(model.encoder(volume))
-    expected = model.flow.log_likelihood(model.standardizer(model.to_rows(cells)), model.to_rows(conditions))
+    expected = model.flow.log_likelihood(model.standardizer(model.to_rows(cells)), conditions.dense())
     torch.testing.assert_close(model.log_likelihood_grid(cells, conditions).flatten(), expected.flatten())
     assert "standardizer.std" in model.state_dict()
     assert "standardizer.std" not in SimpleSliceNetModel(SimpleSliceNetSettings(flow_blocks=2, variant="paper")).state_dict()
@@ -552,7 +600,7 @@ def test_training_mode_exposes_features_and_conditions(volume) -> None:
     features, conditions = model(volume)
     # 32×32 slices → 4×4 locations at stride 8; 16 slices → 6 depth cells.
     assert features.shape == (6 * 4 * 4, 8)
-    assert conditions.shape == (6 * 4 * 4, 128 + 32)  # in-plane and depth codes
+    assert conditions.dense().shape == (6 * 4 * 4, 128 + 32)  # in-plane and depth codes
     assert not features.requires_grad
 
 
@@ -653,4 +701,4 @@ def test_paper_config_builds_the_papers_model() -> None:
     assert (model.scoring.map_reference, model.scoring.smoothing_sigma) == ("none", 0.0)
     # 192x192 slices give the paper's 24x24 cells; 96 slices its 32 depth triplets.
     cells, conditions = torch_model.volume_cells(torch.randn(96, 512, 24, 24))
-    assert cells.shape == (32, 512, 24, 24) and conditions.shape == (32, 128, 24, 24)
+    assert cells.shape == (32, 512, 24, 24) and conditions.dense().shape == (32 * 24 * 24, 128)

@@ -7,6 +7,10 @@ A FrEIA ``SequenceINN`` of ``AllInOneBlock`` couplings maps a feature vector ``x
 
 reported per dimension (divided by ``C``) so that likelihoods of different embedding sizes compare.
 The flow always computes in float32, also inside an outer bf16 autocast region (see :mod:`.precision`).
+
+FrEIA builds the blocks (their initialisation, permutations and parameter names); the pass through them
+is this module's, the same arithmetic as ``AllInOneBlock.forward`` except that the subnet's first layer
+takes the position code in factored form (:mod:`.conditions`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import torch
 from FrEIA.framework import SequenceINN
 from FrEIA.modules import AllInOneBlock
 from torch import nn
+from torch.nn import functional as F
 
+from .conditions import PositionCodes
 from .precision import full_precision
 
 __all__ = ["ConditionalFlow", "log_likelihood", "subnet_linear_relu"]
@@ -79,16 +85,40 @@ class ConditionalFlow(nn.Module):
         finally:
             np.random.set_state(numpy_state)
 
-    def forward(self, features: torch.Tensor, conditions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latent ``z [N, C]`` and ``log|det J| [N]`` of features ``[N, C]`` under conditions ``[N, P]``.
+    def forward(
+        self, features: torch.Tensor, conditions: PositionCodes | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent ``z [N, C]`` and ``log|det J| [N]`` of features ``[N, C]`` under their conditions.
 
-        Inputs of another floating type (bf16 features) are computed in float32.
+        Args:
+            features: Flow inputs; another floating type (bf16) is computed in float32.
+            conditions: :class:`~.conditions.PositionCodes`, or the conditions row by row ``[N, P]``.
         """
+        if not isinstance(conditions, PositionCodes):
+            conditions = PositionCodes.of_rows(conditions)
         with full_precision(features.device.type):
-            z, log_jac_det = self.inn(features.float(), c=[conditions.float()])
-        return z, log_jac_det
+            return self.couplings(features.float(), conditions.to(dtype=torch.float32))
 
-    def log_likelihood(self, features: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+    def couplings(self, x: torch.Tensor, conditions: PositionCodes) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks in turn on ``x [N, C]``, in the caller's precision (:meth:`forward` pins float32)."""
+        log_jac_det = x.new_zeros(x.shape[0])
+        for block in self.inn.module_list:
+            x, block_log_jac_det = _coupling(block, x, conditions)
+            log_jac_det = log_jac_det + block_log_jac_det
+        return x, log_jac_det
+
+    def log_likelihood(self, features: torch.Tensor, conditions: PositionCodes | torch.Tensor) -> torch.Tensor:
         """Per-dimension log-likelihood ``[N]`` of features ``[N, C]``."""
         z, log_jac_det = self(features, conditions)
         return log_likelihood(z, log_jac_det)
+
+
+def _coupling(block: AllInOneBlock, x: torch.Tensor, conditions: PositionCodes) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``AllInOneBlock`` forward (affine coupling, global affine, soft permutation) with factored conditions."""
+    passive, active = torch.split(x, block.splits, dim=1)
+    first, activation, last = block.subnet
+    width = passive.shape[1]
+    hidden = F.linear(passive, first.weight[:, :width], first.bias) + conditions.project(first.weight[:, width:])
+    active, log_jac_det = block._affine(active, last(activation(hidden)))
+    x, global_log_jac_det = block._permute(torch.cat((passive, active), dim=1))
+    return x, log_jac_det + global_log_jac_det

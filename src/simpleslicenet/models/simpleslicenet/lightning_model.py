@@ -42,6 +42,7 @@ from simpleslicenet.models.backbones import DEFAULT_BACKBONE, imagenet_pre_proce
 from simpleslicenet.models.scoring import slice_scores
 from simpleslicenet.models.volume_model import VolumeModelMixin
 
+from .conditions import PositionCodes
 from .feature_cache import FeatureCache
 from .loss import add_feature_noise, create_loss
 from .settings import AUTO, GRAPH_SETTINGS, NOISE_STD, SimpleSliceNetSettings
@@ -76,7 +77,7 @@ def fit_flow_on_features(
     flow: nn.Module,
     loss_function: nn.Module,
     features: torch.Tensor,
-    conditions: torch.Tensor,
+    conditions: PositionCodes | torch.Tensor,
     optimizer: optim.Optimizer,
     features_per_step: int = 4096,
     noise_std: float = NOISE_STD,
@@ -91,7 +92,7 @@ def fit_flow_on_features(
         flow: :class:`~simpleslicenet.models.simpleslicenet.flow.ConditionalFlow`.
         loss_function: Loss on paired per-dimension log-likelihoods.
         features: ``[M, C]`` flow inputs (no gradient).
-        conditions: ``[M, P]`` their conditions.
+        conditions: Their conditions (:class:`~.conditions.PositionCodes`, or row by row ``[M, P]``).
         optimizer: Optimiser of the flow.
         features_per_step: Features per step (the last step takes the rest).
         noise_std: ``σ`` of the pseudo-anomaly noise, in feature units.
@@ -104,10 +105,11 @@ def fit_flow_on_features(
     losses = []
     for chunk in order.split(features_per_step):
         normal = features[chunk]
-        condition = conditions[chunk]
         noised = add_feature_noise(normal, noise_std)
-        # Normal features and their noised copies in one flow pass.
-        log_likelihood = flow.log_likelihood(torch.cat([normal, noised]), condition.repeat(2, 1))
+        # Normal features and their noised copies in one flow pass, under the same conditions.
+        twice = chunk.repeat(2)
+        condition = conditions.select(twice) if isinstance(conditions, PositionCodes) else conditions[twice]
+        log_likelihood = flow.log_likelihood(torch.cat([normal, noised]), condition)
         normal_ll, noised_ll = log_likelihood.split(normal.shape[0])
         loss = loss_function(normal_ll, noised_ll)
         optimizer.zero_grad()

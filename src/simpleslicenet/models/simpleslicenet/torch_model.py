@@ -29,6 +29,7 @@ from simpleslicenet.models.backbones import create_feature_extractor
 from simpleslicenet.models.scoring import slice_scores
 
 from .anomaly_map import AnomalyMapGenerator
+from .conditions import PositionCodes
 from .features import (
     FeatureStandardizer,
     SliceFeatureExtractor,
@@ -36,7 +37,6 @@ from .features import (
     brain_cell_share,
     depth_cell_centres,
     positional_encoding_1d,
-    positional_encoding_2d,
 )
 from .flow import ConditionalFlow
 from .settings import AUTO, CLAMP, CONDITION_DIM, DEPTH_CONDITION_DIM, SimpleSliceNetSettings
@@ -132,8 +132,11 @@ class SimpleSliceNetModel(nn.Module):
         self.anomaly_map_generator.sigma = settings.sigma_voxels if settings.smooths_in_graph else 0.0
 
     # ----------------------------------------------------------------- features and their conditions
-    def conditions(self, grid: Sequence[int], depth: int | None, device: torch.device | None = None) -> torch.Tensor:
-        """Condition grid ``[n, P, h, w]`` of a cell grid ``(n, h, w)``.
+    def conditions(self, grid: Sequence[int], depth: int | None, device: torch.device | None = None) -> PositionCodes:
+        """Conditions of every cell of a grid ``(n, h, w)``, in :meth:`to_rows` order.
+
+        A condition is the 2-D code (the column's half, then the row's) and, with ``depth_position``, the
+        depth cell's code.
 
         Args:
             grid: Cells ``(n, h, w)``.
@@ -142,23 +145,23 @@ class SimpleSliceNetModel(nn.Module):
             device: Where to build it.
         """
         count, height, width = grid
-        code = positional_encoding_2d(CONDITION_DIM, height, width, device=device)
-        code = code.unsqueeze(0).expand(count, -1, -1, -1)
+        half = CONDITION_DIM // 2
+        columns = positional_encoding_1d(torch.arange(width, device=device), half)
+        rows = positional_encoding_1d(torch.arange(height, device=device), half)
         if not self.settings.depth_position:
-            return code
+            return PositionCodes.on_grid((columns, rows), grid, axes=(None, 1, 0))
         if depth is None:
-            depth_code = code.new_zeros(count, DEPTH_CONDITION_DIM)
+            depth_code = columns.new_zeros(count, DEPTH_CONDITION_DIM)
         else:
             centres = depth_cell_centres(depth, self.settings.depth_window, self.settings.depth_stride, device=device)
             depth_code = positional_encoding_1d(centres, DEPTH_CONDITION_DIM)
-        depth_code = depth_code[:, :, None, None].expand(-1, -1, height, width)
-        return torch.cat([code, depth_code], dim=1)
+        return PositionCodes.on_grid((columns, rows, depth_code), grid, axes=(2, 1, 0))
 
     def depth_cells(self, features: torch.Tensor) -> torch.Tensor:
         """Depth cells ``[n, C, h, w]`` of one volume's slice features ``[D, C, h, w]``."""
         return aggregate_depth(features, self.settings.depth_window, self.settings.depth_stride)
 
-    def volume_cells(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def volume_cells(self, features: torch.Tensor) -> tuple[torch.Tensor, PositionCodes]:
         """Depth cells ``[n, C, h, w]`` of one volume's slice features and their conditions."""
         cells = self.depth_cells(features)
         return cells, self.conditions(_grid(cells), features.shape[0], cells.device)
@@ -208,19 +211,18 @@ class SimpleSliceNetModel(nn.Module):
             training.append(TrainingCells(rows=self.to_rows(cells)[keep.flatten()], keep=keep, depth=depth))
         return training
 
-    def flow_batch(self, parts: Sequence[TrainingCells]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flow inputs ``[M, C]`` and conditions ``[M, P]`` of training cells, in order.
+    def flow_batch(self, parts: Sequence[TrainingCells]) -> tuple[torch.Tensor, PositionCodes]:
+        """Flow inputs ``[M, C]`` and their conditions of training cells, in order.
 
         The first call fits the standardiser (``standardize_features``) on its rows.
         """
         with torch.no_grad():
             rows = torch.cat([part.rows for part in parts])
-            conditions = torch.cat(
-                [
-                    self.to_rows(self.conditions(part.keep.shape, part.depth, part.keep.device))[part.keep.flatten()]
-                    for part in parts
-                ]
-            )
+            # One grid as deep as the deepest part: a depth cell's code depends on its place alone.
+            deepest = max(parts, key=lambda part: part.keep.shape[0])
+            conditions = self.conditions(deepest.keep.shape, deepest.depth, deepest.keep.device)
+            kept = [conditions.index[: part.keep.numel()][part.keep.flatten()] for part in parts]
+            conditions = PositionCodes(conditions.tables, torch.cat(kept))
             if self.standardizer is not None and not bool(self.standardizer.fitted):
                 self.standardizer.fit(rows)
             return self.flow_inputs(rows), conditions
@@ -230,15 +232,15 @@ class SimpleSliceNetModel(nn.Module):
         images: torch.Tensor,
         volumes: Sequence[slice] | None = None,
         brain: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flow inputs ``[M, C]`` and conditions ``[M, P]`` of a training batch (:meth:`training_cells`, :meth:`flow_batch`)."""
+    ) -> tuple[torch.Tensor, PositionCodes]:
+        """Flow inputs ``[M, C]`` and their conditions of a training batch (:meth:`training_cells`, :meth:`flow_batch`)."""
         return self.flow_batch(self.training_cells(images, volumes, brain))
 
     # ----------------------------------------------------------------------------------- inference
-    def log_likelihood_grid(self, cells: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
-        """Per-dimension log-likelihood ``[n, h, w]`` of a feature grid ``[n, C, h, w]``."""
+    def log_likelihood_grid(self, cells: torch.Tensor, conditions: PositionCodes) -> torch.Tensor:
+        """Per-dimension log-likelihood ``[n, h, w]`` of a feature grid ``[n, C, h, w]`` and its :meth:`conditions`."""
         count, _, height, width = cells.shape
-        log_likelihood = self.flow.log_likelihood(self.flow_inputs(self.to_rows(cells)), self.to_rows(conditions))
+        log_likelihood = self.flow.log_likelihood(self.flow_inputs(self.to_rows(cells)), conditions)
         return log_likelihood.view(count, height, width)
 
     def predict_volume(self, images: torch.Tensor) -> torch.Tensor:
@@ -263,7 +265,7 @@ class SimpleSliceNetModel(nn.Module):
         anomaly_map = self.anomaly_map_generator.image_maps(log_likelihood, tuple(images.shape[-2:]))
         return InferenceBatch(pred_score=slice_scores(anomaly_map), anomaly_map=anomaly_map)
 
-    def forward(self, images: torch.Tensor) -> InferenceBatch | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> InferenceBatch | tuple[torch.Tensor, PositionCodes]:
         """Training: flow inputs and conditions of one volume (or images); eval: its prediction.
 
         Args:
