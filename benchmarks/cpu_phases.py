@@ -161,6 +161,7 @@ def reference_step(grid: tuple[int, int, int]) -> dict:
 
     from simpleslicenet.models.backbones import create_feature_extractor
     from simpleslicenet.models.simpleslicenet.features import aggregate_depth, positional_encoding_2d
+    from simpleslicenet.models.simpleslicenet.conditions import PositionCodes
     from simpleslicenet.models.simpleslicenet.flow import ConditionalFlow
     from simpleslicenet.models.simpleslicenet.lightning_model import fit_flow_on_features
     from simpleslicenet.models.simpleslicenet.loss import create_loss
@@ -173,8 +174,8 @@ def reference_step(grid: tuple[int, int, int]) -> dict:
     class FreiaFlow(ConditionalFlow):
         """The same blocks run by FrEIA itself, each row's condition a copy of its code (as the authors' code does)."""
 
-        def forward(self, features: torch.Tensor, conditions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return self.inn(features, c=[conditions])
+        def forward(self, features: torch.Tensor, conditions: PositionCodes) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.inn(features, c=[conditions.dense()])
 
     flow = FreiaFlow(dims=512, condition_dims=128, blocks=8, clamp=1.9)
     optimizer = torch.optim.Adam(flow.parameters(), lr=1e-3)
@@ -189,7 +190,7 @@ def reference_step(grid: tuple[int, int, int]) -> dict:
             code = positional_encoding_2d(128, *cells.shape[-2:]).unsqueeze(0).expand(cells.shape[0], -1, -1, -1)
             conditions = code.permute(0, 2, 3, 1).flatten(0, 2)
         kept = rows.shape[0] // 4096 * 4096  # the remainder is dropped
-        fit_flow_on_features(flow, loss, rows[:kept], conditions[:kept], optimizer, features_per_step=4096)
+        fit_flow_on_features(flow, loss, rows[:kept], PositionCodes.of_rows(conditions[:kept]), optimizer, features_per_step=4096)
 
     step(images[:24])  # warm-up (one flow step of 4,096 features)
     start = usage()

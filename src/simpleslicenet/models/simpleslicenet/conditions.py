@@ -53,11 +53,6 @@ class PositionCodes:
     def __len__(self) -> int:
         return self.index.shape[0]
 
-    @property
-    def width(self) -> int:
-        """Size ``P`` of a row's condition."""
-        return sum(table.shape[1] for table in self.tables)
-
     def select(self, rows: torch.Tensor) -> PositionCodes:
         """The conditions of ``rows`` (indices or a boolean mask), in that order."""
         return PositionCodes(self.tables, self.index[rows])

@@ -77,7 +77,7 @@ def fit_flow_on_features(
     flow: nn.Module,
     loss_function: nn.Module,
     features: torch.Tensor,
-    conditions: PositionCodes | torch.Tensor,
+    conditions: PositionCodes,
     optimizer: optim.Optimizer,
     features_per_step: int = 4096,
     noise_std: float = NOISE_STD,
@@ -92,7 +92,7 @@ def fit_flow_on_features(
         flow: :class:`~simpleslicenet.models.simpleslicenet.flow.ConditionalFlow`.
         loss_function: Loss on paired per-dimension log-likelihoods.
         features: ``[M, C]`` flow inputs (no gradient).
-        conditions: Their conditions (:class:`~.conditions.PositionCodes`, or row by row ``[M, P]``).
+        conditions: Their conditions (:class:`~.conditions.PositionCodes`; ``PositionCodes.of_rows`` for rows ``[M, P]``).
         optimizer: Optimiser of the flow.
         features_per_step: Features per step (the last step takes the rest).
         noise_std: ``σ`` of the pseudo-anomaly noise, in feature units.
@@ -107,9 +107,7 @@ def fit_flow_on_features(
         normal = features[chunk]
         noised = add_feature_noise(normal, noise_std)
         # Normal features and their noised copies in one flow pass, under the same conditions.
-        twice = chunk.repeat(2)
-        condition = conditions.select(twice) if isinstance(conditions, PositionCodes) else conditions[twice]
-        log_likelihood = flow.log_likelihood(torch.cat([normal, noised]), condition)
+        log_likelihood = flow.log_likelihood(torch.cat([normal, noised]), conditions.select(chunk.repeat(2)))
         normal_ll, noised_ll = log_likelihood.split(normal.shape[0])
         loss = loss_function(normal_ll, noised_ll)
         optimizer.zero_grad()
