@@ -408,3 +408,15 @@ def test_bad_input_is_reported() -> None:
     with pytest.raises(ValueError, match="arrived split over several batches"):
         per_volume.compute()
     assert ValidationDiceThreshold().threshold.value != ValidationDiceThreshold().threshold.value  # NaN until run
+
+
+@pytest.mark.parametrize(("every", "warned"), [(1, False), (3, False), (4, True)])
+def test_a_fit_that_skips_validation_after_its_last_epoch_is_warned(every: int, warned: bool, caplog) -> None:  # noqa: ANN001
+    """The Dice threshold kept for testing and deployment comes from the last validation run."""
+    from simpleslicenet.models.ae3d import AE3D
+
+    model = AE3D()
+    model._trainer = SimpleNamespace(datamodule=None, check_val_every_n_epoch=every, max_epochs=6)
+    with caplog.at_level("WARNING", logger="simpleslicenet.models.volume_model"):
+        model.on_fit_start()
+    assert ("epoch 4's model" in caplog.text) is warned

@@ -213,11 +213,14 @@ def test_flow_training_on_gaussian_data_raises_the_likelihood() -> None:
     assert after > true - 0.25
 
 
-def test_factored_conditions_give_freias_flow_and_gradients() -> None:
+@pytest.mark.parametrize("rows", ["whole grid", "chosen rows"])
+def test_factored_conditions_give_freias_flow_and_gradients(rows: str) -> None:
     """The flow's own pass with factored conditions is FrEIA's pass on the conditions row by row."""
     torch.manual_seed(0)
     flow = ConditionalFlow(dims=8, condition_dims=10, blocks=3)
     codes = PositionCodes.on_grid((torch.randn(4, 6), torch.randn(3, 4)), shape=(2, 3, 4), axes=(None, 1, 0))
+    if rows == "chosen rows":  # training batches: the codes are gathered, not broadcast over the grid
+        codes = codes.select(torch.tensor([5, 0, 23, 5, 11]))
     features = torch.randn(len(codes), 8)
     z, log_jac_det = flow(features, codes)
     z.square().sum().add(log_jac_det.sum()).backward()
@@ -240,6 +243,27 @@ def test_position_codes_select_and_project_their_rows() -> None:
     chosen = torch.tensor([5, 0, 5, 11])
     assert torch.equal(codes.select(chosen).dense(), dense[chosen])
     assert torch.equal(PositionCodes.of_rows(dense).dense(), dense)
+
+
+@pytest.mark.parametrize(("shape", "axes"), [((3, 3, 4), (1, 0, 0)), ((3, 3, 4), (None, 0, 0)), ((3, 4, 2), (0, 1, 0))])
+def test_position_codes_of_a_whole_grid_project_as_their_rows_do(shape: tuple, axes: tuple) -> None:
+    """A table may run along several dimensions; broadcasting over the grid gives the gathered rows' product."""
+    torch.manual_seed(0)
+    count = max(axis for axis in axes if axis is not None) + 1
+    entries = [math.prod(size for size, axis in zip(shape, axes, strict=True) if axis == table) for table in range(count)]
+    codes = PositionCodes.on_grid([torch.randn(size, 3) for size in entries], shape, axes)
+    assert len(codes) == math.prod(shape)
+    places = torch.stack(torch.meshgrid(*(torch.arange(size) for size in shape), indexing="ij"), dim=-1).reshape(-1, len(shape))
+    for table, size in enumerate(entries):  # an entry per combination of places on its dimensions, row-major
+        entry = torch.zeros(len(codes), dtype=torch.long)
+        for dimension, axis in enumerate(axes):
+            if axis == table:
+                entry = entry * shape[dimension] + places[:, dimension]
+        assert torch.equal(codes.index[:, table], entry) and int(entry.max()) == size - 1
+    weight, bias = torch.randn(5, 3 * count), torch.randn(5)
+    expected = codes.dense() @ weight.T + bias
+    torch.testing.assert_close(codes.project(weight, bias), expected)
+    torch.testing.assert_close(PositionCodes(codes.tables, codes.index).project(weight, bias), expected)
 
 
 def test_conditions_are_the_2d_code_then_the_depth_code_of_each_cell(volume: torch.Tensor) -> None:

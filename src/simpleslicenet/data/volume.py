@@ -185,10 +185,13 @@ def scale_intensity(
         msg = f"unknown intensity scaling mode {mode!r}: use one of {INTENSITY_MODES}"
         raise ValueError(msg)
     scale = hi - lo if hi > lo else 1.0
-    out = np.clip((image - lo) / scale, 0.0, 1.0).astype(np.float32)
+    # In place on one new array: a 1-mm scan is 7 million voxels, each pass over it costs.
+    out = np.subtract(image, lo, dtype=np.promote_types(image.dtype, np.float32))
+    out /= scale
+    np.clip(out, 0.0, 1.0, out=out)
     if mode == "percentile":
-        out[~brain_mask] = 0.0  # background carries no information after skull stripping
-    return out
+        out *= brain_mask  # background carries no information after skull stripping
+    return out.astype(np.float32, copy=False)
 
 
 def load_volume(

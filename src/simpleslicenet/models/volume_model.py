@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ from simpleslicenet.models.scoring import VolumeScoring, score_volumes, to_slice
 from simpleslicenet.visualization import VolumeMapWriter
 
 __all__ = ["VolumeModelMixin"]
+
+logger = logging.getLogger(__name__)
 
 
 class VolumeModelMixin:
@@ -85,6 +88,13 @@ class VolumeModelMixin:
         preprocessing = getattr(getattr(self.trainer, "datamodule", None), "preprocessing", None)
         if isinstance(preprocessing, VolumePreprocessing):
             self.preprocessing = preprocessing
+        every, epochs = self.trainer.check_val_every_n_epoch, self.trainer.max_epochs
+        if every and epochs and epochs > 0 and epochs % every:
+            logger.warning(
+                "validation runs every %d epochs, so not after the last of %d: the Dice threshold kept for "
+                "testing and deployment will be the one of epoch %d's model",
+                every, epochs, epochs - epochs % every,
+            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102
         super().on_save_checkpoint(checkpoint)

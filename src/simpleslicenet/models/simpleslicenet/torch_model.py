@@ -148,14 +148,17 @@ class SimpleSliceNetModel(nn.Module):
         half = CONDITION_DIM // 2
         columns = positional_encoding_1d(torch.arange(width, device=device), half)
         rows = positional_encoding_1d(torch.arange(height, device=device), half)
+        # One table of in-plane codes, cell (y, x) at y·w + x: a slice has few cells, and one gather per
+        # row is cheaper than a gather per axis.
+        plane = torch.cat([columns.repeat(height, 1), rows.repeat_interleave(width, dim=0)], dim=1)
         if not self.settings.depth_position:
-            return PositionCodes.on_grid((columns, rows), grid, axes=(None, 1, 0))
+            return PositionCodes.on_grid((plane,), grid, axes=(None, 0, 0))
         if depth is None:
             depth_code = columns.new_zeros(count, DEPTH_CONDITION_DIM)
         else:
             centres = depth_cell_centres(depth, self.settings.depth_window, self.settings.depth_stride, device=device)
             depth_code = positional_encoding_1d(centres, DEPTH_CONDITION_DIM)
-        return PositionCodes.on_grid((columns, rows, depth_code), grid, axes=(2, 1, 0))
+        return PositionCodes.on_grid((plane, depth_code), grid, axes=(1, 0, 0))
 
     def depth_cells(self, features: torch.Tensor) -> torch.Tensor:
         """Depth cells ``[n, C, h, w]`` of one volume's slice features ``[D, C, h, w]``."""
