@@ -36,7 +36,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from simpleslicenet.atomic import atomic_write_text, staged_directory
+from simpleslicenet.atomic import atomic_write_text, leave_stop_signals_to_the_main_thread, staged_directory
 from simpleslicenet.data.bids import BidsDataset, BidsError
 from simpleslicenet.data.nifti import VolumeError
 from simpleslicenet.data.scans import ScanFiles, scans_from
@@ -190,7 +190,7 @@ def _one_write_in_flight() -> Iterator[Callable[..., None]]:
     write stops the batch at the next submit or at the end. Every write has finished, or was cancelled,
     when the block is left (nothing may write into the staging folder once it goes).
     """
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-writer")
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-writer", initializer=leave_stop_signals_to_the_main_thread)
     pending: list[Future] = []
 
     def submit(function: Callable[..., object], *args: object) -> None:
@@ -215,10 +215,14 @@ def _scans_in_flight(
 ) -> Iterator[Iterator[tuple[ScanFiles, Future]]]:
     """The scans in order, each with its :func:`predict_scan` future, as many in flight as the model runs at once.
 
-    Every scan has finished, or was cancelled, when the block is left.
+    One at a time, each scan runs in the calling thread when its future is yielded. Every scan has
+    finished, or was cancelled, when the block is left.
     """
     in_flight = inferencer.streams
-    pool = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="predict-scan")
+    if in_flight == 1:
+        yield ((scan, _run_here(predict_scan, inferencer, rule, scan)) for scan in scans)
+        return
+    pool = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="predict-scan", initializer=leave_stop_signals_to_the_main_thread)
     pending: deque[tuple[ScanFiles, Future]] = deque()
 
     def in_order() -> Iterator[tuple[ScanFiles, Future]]:
@@ -233,6 +237,16 @@ def _scans_in_flight(
         yield in_order()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_here(function: Callable[..., object], *args: object) -> Future:
+    """``function(*args)`` run now, as a finished future (an exception is kept for ``result()`` to raise)."""
+    future: Future = Future()
+    try:
+        future.set_result(function(*args))
+    except Exception as error:  # noqa: BLE001 - handed over exactly as a pool's future would
+        future.set_exception(error)
+    return future
 
 
 def predict_paths(

@@ -1,4 +1,4 @@
-"""The flow's conditions kept factored: one code table per grid axis and each row's place on each axis.
+"""The flow's conditions kept factored: a few code tables over the grid and each row's entry in each.
 
 A cell's condition is the concatenation of its in-plane code (its column's and its row's sinusoidal
 codes) and, with a depth code, its depth cell's, so a grid of ``n·h·w`` cells has only ``h·w + n``
@@ -22,11 +22,12 @@ __all__ = ["PositionCodes"]
 
 @dataclass(frozen=True)
 class PositionCodes:
-    """Conditions of ``N`` rows: ``cat([tables[a][index[:, a]] for each axis a], dim=1)``.
+    """Conditions of ``N`` rows: ``cat([tables[t][index[:, t]] for each table t], dim=1)``.
 
     Args:
-        tables: One code table ``[size_a, width_a]`` per axis, in the order of the condition's parts.
-        index: ``[N, len(tables)]`` each row's place on each axis.
+        tables: One code table ``[entries_t, width_t]`` per part of the condition, in its order (a table may
+            run along several grid dimensions, see :meth:`on_grid`).
+        index: ``[N, len(tables)]`` each row's entry in each table.
         grid: For the cells of a whole grid in row-major order (:meth:`on_grid`): the grid's size along the
             dimensions no table runs along (-1 elsewhere), and each table's entries laid out on the grid's
             dimensions (size 1 where the table does not change); :meth:`project` then adds the tables'
