@@ -314,12 +314,9 @@ class StubInferencer:
 
     delay_s = 0.0
     volume_score: float | None = None
-    concurrent = False
 
-    def __init__(self, model: object, device: str = "CPU", precision: str = "f32", streams: int = 1) -> None:
+    def __init__(self, model: object, device: str = "CPU", precision: str = "f32") -> None:
         del device, precision
-        # One scan at a time, as a checkpoint runs, unless asked to run predict's streams as an export does.
-        self.streams = streams if self.concurrent else 1
         if "broken" in str(model):
             msg = f"{model}: not a readable OpenVINO model"
             raise ModelFileError(msg)
@@ -459,34 +456,6 @@ def test_killed_batches_leave_one_complete_batch_and_no_temporary_files(stub: ty
             assert not [p for p in tmp_path.iterdir() if p.name.startswith(TEMP_PREFIX) and re.search(rf"[.-]{pid}-", p.name)]
     assert interrupted >= 3  # the early kill points cannot all have missed the batch
     predict_paths("m.xml", scans, out, overwrite=True, progress=False)  # removes what killed runs left
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(TEMP_PREFIX)]
-
-
-def test_terminated_batch_with_two_scans_in_flight_cleans_up(tmp_path: Path) -> None:
-    """SIGTERM while two scans run side by side (an exported model's way): exit 143, the old batch intact, no staging."""
-    scans = tmp_path / "scans"
-    write_scans(scans, 6)
-    out = tmp_path / "maps"
-    # A fresh interpreter: forked children of a process that has run OpenVINO cannot start threads safely.
-    code = (
-        "import sys\n"
-        "from simpleslicenet.deploy import predict\n"
-        "from test_safety import StubInferencer\n"
-        "StubInferencer.delay_s, StubInferencer.concurrent = float(sys.argv[3]), True\n"
-        "predict.VolumeInferencer = StubInferencer\n"
-        "predict.predict_paths('m.xml', sys.argv[1], sys.argv[2], overwrite=True, progress=False)\n"
-    )
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run([sys.executable, "-c", code, str(scans), str(out), "0"], check=True, env=environment)  # noqa: S603
-    first = _check_complete_batch(out)
-    child = subprocess.Popen([sys.executable, "-c", code, str(scans), str(out), "1.0"], env=environment)  # noqa: S603
-    deadline = time.monotonic() + 60
-    while not [p for p in tmp_path.iterdir() if p.name.startswith(TEMP_PREFIX)] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # inside the first two scans' sleep
-    child.send_signal(signal.SIGTERM)
-    assert child.wait(timeout=60) == 128 + signal.SIGTERM
-    assert _check_complete_batch(out) == first
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(TEMP_PREFIX)]
 
 

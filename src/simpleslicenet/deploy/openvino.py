@@ -65,15 +65,13 @@ def _check_graph(model: Any, path: Path, metadata: ModelMetadata) -> None:  # no
         raise ModelFileError.at(path, f"graph has no 'anomaly_map' output (its outputs: {names})")
 
 
-def load_openvino(path: str | os.PathLike, device: str = "CPU", precision: str = "f32", streams: int = 1) -> OpenVINOModel:
+def load_openvino(path: str | os.PathLike, device: str = "CPU", precision: str = "f32") -> OpenVINOModel:
     """Read, check and compile an exported model (``model.xml`` beside its ``model.bin``).
 
     Args:
         path: The ``.xml`` file.
         device: OpenVINO device.
         precision: ``"f32"`` or ``"bf16"``.
-        streams: Volumes the compiled model runs at once, each on its share of the cores (``1``: one
-            volume on all of them, the shortest time for one scan).
 
     Raises:
         ModelFileError: Unreadable graph, missing or invalid metadata, a graph that does not take a slice
@@ -101,10 +99,7 @@ def load_openvino(path: str | os.PathLike, device: str = "CPU", precision: str =
     metadata = parse_metadata_json(text, path, accept_package_class)
     _check_graph(model, path, metadata)
     try:
-        config = {"INFERENCE_PRECISION_HINT": precision}
-        if streams > 1:
-            config |= {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": str(streams)}
-        compiled = core.compile_model(model, device.upper(), config)
+        compiled = core.compile_model(model, device.upper(), {"INFERENCE_PRECISION_HINT": precision})
     except Exception as error:  # noqa: BLE001 - OpenVINO raises RuntimeError and others
         raise ModelFileError.at(path, f"cannot compile the model for {device} ({type(error).__name__}: {error})") from error
     output_names = [output.get_any_name() for output in compiled.outputs]
