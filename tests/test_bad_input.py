@@ -336,12 +336,12 @@ def test_failed_write_leaves_existing_file_and_no_temporary(
     target = tmp_path / "map.nii.gz"
     target.write_bytes(b"previous result")
 
-    def save_half_then_fail(img: nib.Nifti1Image, filename: str) -> None:
-        with open(filename, "wb") as handle:  # noqa: PTH123
-            handle.write(b"half a file")
+    def write_half_then_fail(path: Path, data: bytes) -> None:
+        with open(path, "wb") as handle:  # noqa: PTH123
+            handle.write(data[: len(data) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr(nib, "save", save_half_then_fail)
+    monkeypatch.setattr(Path, "write_bytes", write_half_then_fail)
     with pytest.raises(OSError, match="disk full"):
         write_nifti(image, geometry, target, overwrite=True)
     assert target.read_bytes() == b"previous result"

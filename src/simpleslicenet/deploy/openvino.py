@@ -18,13 +18,28 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from simpleslicenet.deploy.loading import ModelFileError, accept_package_class, check_model_file
 from simpleslicenet.model_metadata import METADATA_KEY, ModelMetadata, parse_metadata_json
 
-__all__ = ["OpenVINOModel", "load_openvino"]
+__all__ = ["OpenVINOModel", "load_openvino", "openvino_core"]
+
+
+@cache
+def openvino_core() -> Any:
+    """The process's one OpenVINO ``Core``: every model is read and compiled through it.
+
+    Each ``Core`` loads its own CPU plugin, which gives the loading thread a new alternate signal stack
+    and, when it is released, puts back the stack it found and frees its own. Two of them released in the
+    order they were made would leave the thread on a freed stack, where the next signal handler (Ctrl-C,
+    SIGTERM) crashes the process; one plugin for the whole process never is released early.
+    """
+    import openvino as ov  # deferred: only this backend needs OpenVINO
+
+    return ov.Core()
 
 
 @dataclass
@@ -65,23 +80,23 @@ def _check_graph(model: Any, path: Path, metadata: ModelMetadata) -> None:  # no
         raise ModelFileError.at(path, f"graph has no 'anomaly_map' output (its outputs: {names})")
 
 
-def load_openvino(path: str | os.PathLike, device: str = "CPU", precision: str = "f32") -> OpenVINOModel:
+def load_openvino(path: str | os.PathLike, device: str = "CPU", precision: str = "f32", streams: int = 1) -> OpenVINOModel:
     """Read, check and compile an exported model (``model.xml`` beside its ``model.bin``).
 
     Args:
         path: The ``.xml`` file.
         device: OpenVINO device.
         precision: ``"f32"`` or ``"bf16"``.
+        streams: Volumes the compiled model runs at once, each on its share of the cores (``1``: one
+            volume on all of them, the shortest time for one scan).
 
     Raises:
         ModelFileError: Unreadable graph, missing or invalid metadata, a graph that does not take a slice
             stack or gives no anomaly map, or a graph the device cannot compile.
     """
-    import openvino as ov  # deferred: only this backend needs OpenVINO
-
     path = Path(path)
     check_model_file(path)
-    core = ov.Core()
+    core = openvino_core()
     try:
         model = core.read_model(path)
     except Exception as error:  # noqa: BLE001 - OpenVINO raises RuntimeError and others for damaged files
@@ -99,7 +114,10 @@ def load_openvino(path: str | os.PathLike, device: str = "CPU", precision: str =
     metadata = parse_metadata_json(text, path, accept_package_class)
     _check_graph(model, path, metadata)
     try:
-        compiled = core.compile_model(model, device.upper(), {"INFERENCE_PRECISION_HINT": precision})
+        config = {"INFERENCE_PRECISION_HINT": precision}
+        if streams > 1:
+            config |= {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": str(streams)}
+        compiled = core.compile_model(model, device.upper(), config)
     except Exception as error:  # noqa: BLE001 - OpenVINO raises RuntimeError and others
         raise ModelFileError.at(path, f"cannot compile the model for {device} ({type(error).__name__}: {error})") from error
     output_names = [output.get_any_name() for output in compiled.outputs]

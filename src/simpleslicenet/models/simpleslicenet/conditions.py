@@ -56,18 +56,16 @@ class PositionCodes:
         """
         device = tables[0].device
         places = torch.meshgrid(*(torch.arange(size, device=device) for size in shape), indexing="ij")
-        by_table = []
-        for table in range(len(tables)):
-            entry = torch.zeros_like(places[0])
-            for dimension, axis in enumerate(axes):
-                if axis == table:
-                    entry = entry * shape[dimension] + places[dimension]
-            by_table.append(entry.flatten())
-        # Sizes for broadcasting, -1 wherever a table's own length decides (when exported with a dynamic
-        # depth, the depth table's length and the grid's are equal but not provably so).
-        layouts = []
+        # Per table: each cell's entry, and its sizes for broadcasting, -1 wherever the table's own length
+        # decides (when exported with a dynamic depth, the depth table's length and the grid's are equal
+        # but not provably so).
+        by_table, layouts = [], []
         for table in range(len(tables)):
             dims = [dimension for dimension, axis in enumerate(axes) if axis == table]
+            entry = torch.zeros_like(places[0])
+            for dimension in dims:
+                entry = entry * shape[dimension] + places[dimension]
+            by_table.append(entry.flatten())
             layouts.append(tuple((-1 if dimension == dims[0] else size) if dimension in dims else 1 for dimension, size in enumerate(shape)))
         repeated = tuple(size if axis is None else -1 for size, axis in zip(shape, axes, strict=True))
         return cls(tuple(tables), torch.stack(by_table, dim=1), (repeated, tuple(layouts)))
