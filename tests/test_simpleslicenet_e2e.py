@@ -42,6 +42,29 @@ def test_engine_test_reports_volumetric_metrics(trained_simpleslicenet, phantom_
     np.testing.assert_allclose(written.affine, scan.affine, atol=1e-5)
 
 
+def test_engine_test_writes_each_volume_map_as_predicted_and_fails_on_a_failed_write(
+    trained_simpleslicenet, phantom_datamodule, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    """The maps are written on a thread while the next volume runs: each file holds its own volume's map."""
+    import simpleslicenet.visualization as visualization
+
+    model, _, _ = trained_simpleslicenet
+    engine = tiny_engine(tmp_path / "test")
+    engine.test(model, datamodule=phantom_datamodule, verbose=False)
+    expected = _predict_first_test_volume(model, phantom_datamodule)
+    scan = Path(phantom_datamodule.test_data.samples.iloc[0].image_path).name.split(".")[0]
+    (written,) = (tmp_path / "test").rglob(f"{scan}_anomaly_map.nii.gz")
+    geometry = phantom_datamodule.test_data[0].geometry[0]
+    np.testing.assert_allclose(nib.load(written).get_fdata(), geometry.to_scan(expected.numpy()), rtol=1e-5, atol=1e-5)
+
+    def disk_full(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(visualization, "write_scan_outputs", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        tiny_engine(tmp_path / "failed").test(model, datamodule=phantom_datamodule, verbose=False)
+
+
 def test_engine_predict_gives_volume_maps(trained_simpleslicenet, phantom_datamodule) -> None:  # noqa: ANN001
     model, engine, _ = trained_simpleslicenet
     predictions = engine.predict(model, datamodule=phantom_datamodule)

@@ -22,16 +22,20 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from simpleslicenet.atomic import leave_stop_signals_to_the_main_thread
 from simpleslicenet.data.geometry import VolumeGeometry
 from simpleslicenet.data.nifti import write_nifti
 from simpleslicenet.preview import draw_preview
 
-__all__ = ["OUTPUT_FILES", "ScanOutputs", "output_paths", "threshold_mask", "write_scan_outputs"]
+__all__ = ["OUTPUT_FILES", "ScanOutputs", "one_write_in_flight", "output_paths", "threshold_mask", "write_scan_outputs"]
 
 # Output -> what follows the scan's name, in the order the files are listed.
 OUTPUT_FILES = {
@@ -135,3 +139,33 @@ def write_scan_outputs(
             title=outputs.title or outputs.name,
         )
     return paths
+
+
+@contextmanager
+def one_write_in_flight() -> Iterator[Callable[..., None]]:
+    """A ``submit(function, *args)`` that runs one write at a time on a thread, while the next scan is read and run.
+
+    ``predict`` and the test-time writer (:class:`~simpleslicenet.visualization.VolumeMapWriter`) write
+    each scan's files this way.
+
+    Compression releases the GIL, so on a small CPU writing then costs a scan almost no time of its own. A failed
+    write stops the batch at the next submit or at the end. Every write has finished, or was cancelled,
+    when the block is left (nothing may write into the staging folder once it goes).
+    """
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scan-writer", initializer=leave_stop_signals_to_the_main_thread)
+    pending: list[Future] = []
+
+    def submit(function: Callable[..., object], *args: object) -> None:
+        if pending:
+            pending.pop().result()
+        pending.append(writer.submit(function, *args))
+
+    try:
+        # The one thread starts here, before any write: a thread started inside a later submit() that a
+        # signal interrupts is never joined by shutdown(), and its write could outlive the staging folder.
+        writer.submit(int).result()
+        yield submit
+        if pending:
+            pending.pop().result()
+    finally:
+        writer.shutdown(wait=True, cancel_futures=True)

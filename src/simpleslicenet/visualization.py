@@ -11,6 +11,7 @@ region above the validation threshold and the true lesion outline.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from anomalib.visualization import Visualizer
 
 from simpleslicenet.data.scans import nifti_stem
-from simpleslicenet.scan_outputs import ScanOutputs, threshold_mask, write_scan_outputs
+from simpleslicenet.scan_outputs import ScanOutputs, one_write_in_flight, output_paths, threshold_mask, write_scan_outputs
 
 __all__ = ["VolumeMapWriter"]
 
@@ -38,6 +39,10 @@ class VolumeMapWriter(Visualizer):
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.previews = previews
         self._sources: dict[tuple[Path, str], str] = {}  # (folder, file stem) -> scan it was written for
+        # During a test or predict epoch a volume's files are written on a thread while the next volume
+        # runs; the epoch ends when the last is written.
+        self._writes: ExitStack | None = None
+        self._submit: Any = None
 
     def write(self, batch: Any, folder: str | Path | None = None, threshold: float | None = None) -> list[Path]:  # noqa: ANN401
         """Write the maps of every volume in a predicted :class:`VolumeBatch`; returns the NIfTI paths.
@@ -59,7 +64,8 @@ class VolumeMapWriter(Visualizer):
             geometry = batch.geometry[rows.start]
             if geometry is None:
                 continue
-            amap = batch.anomaly_map[rows].detach().float().cpu().numpy()
+            # Copies: the files may be written after the batch's tensors have moved on.
+            amap = batch.anomaly_map[rows].detach().float().cpu().numpy().copy()
             source = geometry.path or batch.image_path[rows.start]
             stem = nifti_stem(source) or Path(source).stem
             if self._sources.setdefault((folder, stem), source) != source:
@@ -73,12 +79,27 @@ class VolumeMapWriter(Visualizer):
                 geometry=geometry,
                 model_map=amap,
                 mask=threshold_mask(amap, threshold, brain) if flagged else None,
-                image=part.image[:, 0].detach().float().cpu().numpy() if self.previews else None,
+                image=part.image[:, 0].detach().float().cpu().numpy().copy() if self.previews else None,
                 brain=brain,
                 lesion=part.gt_mask.cpu().numpy().astype(bool) if part.gt_mask is not None else None,
             )
-            written.append(write_scan_outputs(outputs, folder, preview=self.previews, overwrite=True)["map"])
+            if self._submit is None:
+                written.append(write_scan_outputs(outputs, folder, preview=self.previews, overwrite=True)["map"])
+            else:
+                self._submit(write_scan_outputs, outputs, folder, self.previews, True)
+                written.append(output_paths(folder, outputs, self.previews)["map"])
         return written
+
+    def _start_writing(self) -> None:
+        self._finish_writing()
+        self._writes = ExitStack()
+        self._submit = self._writes.enter_context(one_write_in_flight())
+
+    def _finish_writing(self, error: BaseException | None = None) -> None:
+        """Wait for the last write (a failed write raises here), or cancel it after ``error``."""
+        writes, self._writes, self._submit = self._writes, None, None
+        if writes is not None:
+            writes.__exit__(type(error) if error else None, error, error.__traceback__ if error else None)
 
     def _on_batch_end(self, trainer: Any, outputs: Any) -> None:  # noqa: ANN401
         folder = self.output_dir or Path(trainer.default_root_dir) / "anomaly_maps"
@@ -90,6 +111,21 @@ class VolumeMapWriter(Visualizer):
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001, D102
         del pl_module, batch, batch_idx, dataloader_idx
         self._on_batch_end(trainer, outputs)
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:  # noqa: ANN001, D102
+        del trainer, pl_module
+        self._start_writing()
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001, D102
+        del trainer, pl_module
+        self._finish_writing()
+
+    on_predict_epoch_start = on_test_epoch_start
+    on_predict_epoch_end = on_test_epoch_end
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:  # noqa: ANN001, D102
+        del trainer, pl_module
+        self._finish_writing(exception)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001, D102
         del pl_module, batch, batch_idx, dataloader_idx

@@ -44,7 +44,7 @@ from simpleslicenet.deploy.inferencer import VolumeInferencer, VolumePrediction
 from simpleslicenet.deploy.loading import ModelOutputError
 from simpleslicenet.deploy.masks import MaskRule
 from simpleslicenet.deploy.report import SUMMARY_FILES, PredictionReport
-from simpleslicenet.scan_outputs import OUTPUT_FILES, ScanOutputs, output_paths, write_scan_outputs
+from simpleslicenet.scan_outputs import OUTPUT_FILES, ScanOutputs, one_write_in_flight, output_paths, write_scan_outputs
 
 __all__ = ["predict_paths", "predict_scan", "input_scans", "bids_scan_files"]
 
@@ -183,33 +183,6 @@ def _check_output_folder(output: Path, overwrite: bool) -> None:
 
 
 @contextmanager
-def _one_write_in_flight() -> Iterator[Callable[..., None]]:
-    """A ``submit(function, *args)`` that runs one write at a time on a thread, while the next scan is read and run.
-
-    Compression releases the GIL, so on a small CPU writing then costs a scan almost no time of its own. A failed
-    write stops the batch at the next submit or at the end. Every write has finished, or was cancelled,
-    when the block is left (nothing may write into the staging folder once it goes).
-    """
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-writer", initializer=leave_stop_signals_to_the_main_thread)
-    pending: list[Future] = []
-
-    def submit(function: Callable[..., object], *args: object) -> None:
-        if pending:
-            pending.pop().result()
-        pending.append(writer.submit(function, *args))
-
-    try:
-        # The one thread starts here, before any write: a thread started inside a later submit() that a
-        # signal interrupts is never joined by shutdown(), and its write could outlive the staging folder.
-        writer.submit(int).result()
-        yield submit
-        if pending:
-            pending.pop().result()
-    finally:
-        writer.shutdown(wait=True, cancel_futures=True)
-
-
-@contextmanager
 def _scans_in_flight(
     inferencer: VolumeInferencer, rule: MaskRule, scans: Sequence[ScanFiles]
 ) -> Iterator[Iterator[tuple[ScanFiles, Future]]]:
@@ -309,7 +282,7 @@ def predict_paths(
     rule = rule.resolved(inferencer.metadata, model)
     report = PredictionReport(output=output)
     with staged_directory(output, _STAGING_TAG) as staging:
-        with _one_write_in_flight() as submit, _scans_in_flight(inferencer, rule, scans) as predicted:
+        with one_write_in_flight() as submit, _scans_in_flight(inferencer, rule, scans) as predicted:
             for scan, future in tqdm(predicted, total=len(scans), desc="predict", unit="scan", disable=not progress):
                 try:
                     prediction, outputs = future.result()
