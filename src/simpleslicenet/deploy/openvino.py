@@ -35,7 +35,7 @@ def openvino_core() -> Any:
     Each ``Core`` loads its own CPU plugin, which gives the loading thread a new alternate signal stack
     and, when it is released, puts back the stack it found and frees its own. Two of them released in the
     order they were made would leave the thread on a freed stack, where the next signal handler (Ctrl-C,
-    SIGTERM) crashes the process; one plugin for the whole process never is released early.
+    SIGTERM) crashes the process. The one plugin of the process's one ``Core`` is never released early.
     """
     import openvino as ov  # deferred: only this backend needs OpenVINO
 
