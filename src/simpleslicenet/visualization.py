@@ -11,7 +11,7 @@ region above the validation threshold and the true lesion outline.
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ class VolumeMapWriter(Visualizer):
         self._sources: dict[tuple[Path, str], str] = {}  # (folder, file stem) -> scan it was written for
         # During a test or predict epoch a volume's files are written on a thread while the next volume
         # runs; the epoch ends when the last is written.
-        self._writes: ExitStack | None = None
+        self._writes: AbstractContextManager | None = None
         self._submit: Any = None
 
     def write(self, batch: Any, folder: str | Path | None = None, threshold: float | None = None) -> list[Path]:  # noqa: ANN401
@@ -92,8 +92,8 @@ class VolumeMapWriter(Visualizer):
 
     def _start_writing(self) -> None:
         self._finish_writing()
-        self._writes = ExitStack()
-        self._submit = self._writes.enter_context(one_write_in_flight())
+        self._writes = one_write_in_flight()
+        self._submit = self._writes.__enter__()
 
     def _finish_writing(self, error: BaseException | None = None) -> None:
         """Wait for the last write (a failed write raises here), or cancel it after ``error``."""
