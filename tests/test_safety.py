@@ -323,6 +323,37 @@ def test_models_released_in_loading_order_leave_signal_handlers_working(tmp_path
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"the child ended with wait status {status}"
 
 
+# Fresh interpreters: OpenVINO's Python layer builds its element-type table once per process, on first use.
+_FIRST_USE_RACE = """
+import sys, threading
+sys.setswitchinterval(1e-6)
+import openvino as ov
+from simpleslicenet.deploy.openvino import openvino_core
+openvino_core()
+barrier = threading.Barrier(32)
+def convert():
+    barrier.wait()
+    ov.Type.f32.to_dtype()  # what every inference does with its input first
+threads = [threading.Thread(target=convert) for _ in range(32)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print("done")
+"""
+
+
+def test_threads_that_run_their_first_inference_together_do_not_deadlock() -> None:
+    """Scans in flight start their first inference together; the package builds OpenVINO's type table before.
+
+    Left to the threads, the table's C++ initialiser gives up the GIL inside and a second thread blocks on
+    it holding the GIL: `predict` hung. Without the package's set-up this child hangs in most runs.
+    """
+    for _ in range(3):
+        child = subprocess.run([sys.executable, "-c", _FIRST_USE_RACE], capture_output=True, text=True, timeout=120, check=False)
+        assert child.returncode == 0 and "done" in child.stdout, child.stderr[-2000:]
+
+
 # --- predict: one transaction per batch ---------------------------------------------------------
 
 

@@ -37,9 +37,16 @@ def openvino_core() -> Any:
     order they were made would leave the thread on a freed stack, where the next signal handler (Ctrl-C,
     SIGTERM) crashes the process. The one plugin of the process's one ``Core`` is never released early.
     """
+    import numpy as np
     import openvino as ov  # deferred: only this backend needs OpenVINO
 
-    return ov.Core()
+    core = ov.Core()
+    # OpenVINO's Python layer builds its table of element types and numpy dtypes on first use, in a C++
+    # static initialiser that gives up the GIL and takes it back: two threads that use it first at the
+    # same moment (two scans in flight in `predict`) deadlock. Build it here, on the loading thread.
+    ov.Type.f32.to_dtype()
+    ov.Tensor(np.zeros(1, dtype=np.float32), shared_memory=True).data  # noqa: B018 - numpy's side of the table
+    return core
 
 
 @dataclass
