@@ -60,6 +60,13 @@ def test_sweep_writes_report_and_resumes(phantom_root: Path, tmp_path: Path, mon
     assert ConformalCalibration.load(tmp_path / "out" / "runs" / results[0]["run_id"] / "calibration.json").n_scans == 2
     assert frame["fdr05_Dice"].between(0, 1).all() and frame["volume_p_KS"].between(0, 1).all()
     assert "## Label-free outputs" in table and "Dice @ FDR 0.05" in table
+    # Lesion volumes found at FDR 0.05, overall and by family: the families' shares pool to the overall one.
+    calibrated, families = results[0]["calibrated"], results[0]["breakdown"]
+    counts = {key.removeprefix("family: "): row["lesion_volumes"] for key, row in families.items() if key.startswith("family: ")}
+    assert counts and all(f"fdr05_found_{family}" in calibrated for family in counts)
+    pooled = sum(calibrated[f"fdr05_found_{family}"] * n for family, n in counts.items()) / sum(counts.values())
+    assert calibrated["fdr05_lesion_vols_found"] == pytest.approx(pooled)
+    assert "tumour vols found @ FDR 0.05" in table
     # Each run keeps its training curve.
     for result in results:
         curve = pd.read_csv(tmp_path / "out" / "runs" / result["run_id"] / "metrics.csv")

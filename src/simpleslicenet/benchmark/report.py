@@ -45,6 +45,7 @@ CALIBRATED_COLUMNS = [
     ("voxel_valDice", "Dice @ val thr.", 3),
     ("fdr05_Dice", "Dice @ FDR 0.05", 3),
     ("fdr05_lesion_detection", "lesions ≥ 1 ml found @ FDR 0.05", 2),
+    ("fdr05_lesion_vols_found", "lesion vols found @ FDR 0.05", 2),
     ("fdr05_FPclusters", "false clusters / healthy vol. @ FDR 0.05", 2),
     ("fdr05_healthy_flagged", "healthy vols flagged @ FDR 0.05", 2),
     ("fdr10_healthy_flagged", "healthy vols flagged @ FDR 0.1", 2),
@@ -54,7 +55,8 @@ CALIBRATED_COLUMNS = [
     ("healthy_volumes", "healthy test vols", 0),
     ("calibration_volumes", "calibration vols", 0),
 ]
-_HIGHER_IS_BETTER = {key for key, _name, _digits in TABLE_COLUMNS[:7]} | {"fdr05_Dice", "fdr05_lesion_detection"}
+_HIGHER_IS_BETTER = {key for key, _name, _digits in TABLE_COLUMNS[:7]} | {"fdr05_Dice", "fdr05_lesion_detection", "fdr05_lesion_vols_found"}
+_FAMILY_FOUND = "fdr05_found_"  # + family: share of the family's lesion volumes with a flagged lesion voxel
 
 
 def results_frame(results: list[dict]) -> pd.DataFrame:
@@ -284,6 +286,11 @@ def report_sections(
                 summary_cells(frame, CALIBRATED_COLUMNS),
             )
         )
+        families = [(key, f"{key.removeprefix(_FAMILY_FOUND)} vols found @ FDR 0.05", 2) for key in frame.columns if key.startswith(_FAMILY_FOUND)]
+        if families:
+            sections.append(
+                ReportSection(text="Lesion volumes with a flagged voxel on the lesion, by lesion family:", table=summary_cells(frame, families))
+            )
         check = calibration_cells(results)
         if check is not None:
             sections.append(

@@ -20,7 +20,7 @@ from lightning.pytorch import Callback
 
 from simpleslicenet.metrics.evaluator import volume_test_metrics
 
-__all__ = ["DEFAULT_SIZE_BINS_ML", "MetricBreakdown", "size_group"]
+__all__ = ["DEFAULT_SIZE_BINS_ML", "MetricBreakdown", "lesion_families", "size_group"]
 
 # Edges of the lesion-size groups: a volume's total lesion volume in millilitres (cm³).
 DEFAULT_SIZE_BINS_ML = (2.0, 10.0)
@@ -35,6 +35,18 @@ def size_group(volume_ml: float, edges: tuple[float, ...] = DEFAULT_SIZE_BINS_ML
             return f"size: < {high:g} ml" if low == 0 else f"size: >= {low:g} ml" if high == math.inf else f"size: {low:g}-{high:g} ml"
     msg = f"lesion volume {volume_ml!r} ml is not a non-negative number"
     raise ValueError(msg)
+
+
+def lesion_families(trainer) -> dict[int, str]:  # noqa: ANN001
+    """``{volume index: family}`` of the lesion volumes of the trainer's test data; empty without a family column."""
+    samples = getattr(getattr(getattr(trainer, "datamodule", None), "test_data", None), "samples", None)
+    if samples is None or "lesion_family" not in samples:
+        return {}
+    return {
+        position: str(family)
+        for position, (family, label) in enumerate(zip(samples["lesion_family"], samples["label_index"], strict=True))
+        if int(label) == 1
+    }
 
 
 class MetricBreakdown(Callback):
@@ -56,14 +68,7 @@ class MetricBreakdown(Callback):
 
     def on_test_start(self, trainer, pl_module) -> None:  # noqa: ANN001, D102
         threshold = getattr(pl_module, "dice_threshold", None)
-        samples = getattr(getattr(getattr(trainer, "datamodule", None), "test_data", None), "samples", None)
-        self._families = {}
-        if samples is not None and "lesion_family" in samples:
-            self._families = {
-                position: str(family)
-                for position, (family, label) in enumerate(zip(samples["lesion_family"], samples["label_index"], strict=True))
-                if int(label) == 1
-            }
+        self._families = lesion_families(trainer)
         names = [f"family: {family}" for family in sorted(set(self._families.values()))]
         bounds = [0.0, *self.size_bins_ml]
         names += [size_group(low, self.size_bins_ml) for low in bounds]

@@ -9,6 +9,8 @@ the model and builds a :class:`~simpleslicenet.calibration.ConformalCalibration`
 * ``fdr<q>_lesion_detection`` / ``fdr<q>_FPclusters``: lesion-wise, as :mod:`simpleslicenet.metrics.lesion`;
 * ``fdr<q>_healthy_flagged``: share of healthy test volumes with any flagged voxel (the guarantee asks
   this to stay near or below ``q``);
+* ``fdr<q>_lesion_vols_found``: share of lesion test volumes with a flagged voxel on the lesion, whatever
+  its size, and ``fdr<q>_found_<family>`` the same for each lesion family of the test data (the phantom's);
 * ``volume_p_KS``: Kolmogorov–Smirnov distance of the healthy test volumes' volume p-values from uniform
   (on the p-values' own grid ``k / (n + 1)``, :func:`ks_uniform`);
   ``volume_p05_TPR`` / ``volume_p05_FPR``: share of lesion / healthy volumes with volume p-value <= 0.05.
@@ -25,6 +27,7 @@ from lightning.pytorch import Callback
 
 from simpleslicenet.calibration import ConformalCalibration
 from simpleslicenet.clusters import count_lesions
+from simpleslicenet.metrics.breakdown import lesion_families
 
 __all__ = ["CalibratedEvaluation", "calibrate_model", "ks_uniform", "volume_maps"]
 
@@ -80,10 +83,14 @@ class CalibratedEvaluation(Callback):
         zeros = dict.fromkeys(("tp", "fp", "fn", "lesions", "detected", "false_clusters", "healthy_flagged"), 0)
         self._counts = {q: dict(zeros) for q in self.levels}
         self._pvalues: dict[int, list[float]] = {0: [], 1: []}
+        # Per level, per metric name ("lesion_vols_found", "found_<family>"): [lesion volumes, those with a flagged lesion voxel].
+        self._found: dict[float, dict[str, list[int]]] = {q: {} for q in self.levels}
+        self._families: dict[int, str] = {}
 
     def on_test_start(self, trainer, pl_module) -> None:  # noqa: ANN001, D102
-        del trainer, pl_module
+        del pl_module
         self._reset()
+        self._families = lesion_families(trainer)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001, D102
         del trainer, pl_module, batch, batch_idx, dataloader_idx
@@ -107,6 +114,12 @@ class CalibratedEvaluation(Callback):
                 if label == 0:
                     counts["false_clusters"] += false_clusters
                     counts["healthy_flagged"] += int(flagged.any())
+                    continue
+                family = self._families.get(int(part.volume_index[0])) if part.volume_index is not None else None
+                for group in ("lesion_vols_found", f"found_{family}") if family else ("lesion_vols_found",):
+                    tally = self._found[q].setdefault(group, [0, 0])
+                    tally[0] += 1
+                    tally[1] += int((flagged & lesion).any())
 
     def results(self) -> dict[str, float]:
         """The metrics (NaN where undefined, e.g. no healthy test volume); empty without a calibration."""
@@ -129,6 +142,8 @@ class CalibratedEvaluation(Callback):
             results[f"{tag}_lesion_detection"] = c["detected"] / c["lesions"] if c["lesions"] else math.nan
             results[f"{tag}_FPclusters"] = c["false_clusters"] / healthy.size if healthy.size else math.nan
             results[f"{tag}_healthy_flagged"] = c["healthy_flagged"] / healthy.size if healthy.size else math.nan
+            for group, (volumes, found) in self._found[q].items():
+                results[f"{tag}_{group}"] = found / volumes
         results["volume_p_KS"] = ks_uniform(healthy, self.calibration.n_scans)
         results["volume_p05_TPR"] = share(lesion, lesion <= 0.05)
         results["volume_p05_FPR"] = share(healthy, healthy <= 0.05)

@@ -1,0 +1,172 @@
+"""Scan-level scores from the same maps: the hottest voxel against scores that count extended and multifocal evidence.
+
+Takes the runs of a finished sweep (their checkpoints, e.g. ``configs/benchmark/protocol.yaml``'s), tests
+each model again on its own dataset and seed, and scores every test scan from its brain-restricted map
+in several ways:
+
+* ``max``: the hottest brain voxel (the models' volume score; checked against the recorded one);
+* ``top 0.1%``: the mean of the hottest 0.1% of the brain's voxels;
+* cluster scores at a cluster-forming threshold ``u``, the ``q`` quantile of the healthy validation
+  scans' brain voxels (the training site's, pooled; no lesion label is used): the suprathreshold mass of
+  the whole brain (sum of ``score - u`` over voxels above ``u``), the mass and the extent of the largest
+  cluster, and the number of clusters of at least 0.1 ml (26-connected, :mod:`simpleslicenet.clusters`).
+
+For each score: volume AUROC over all test scans and for each lesion family against the healthy scans,
+mean ± std over the sweep's seeds, per dataset; and for each family, in how many lesion scans the
+hottest brain voxel lies on the lesion (where it never does, no score of the map can find the scans).
+
+    python benchmarks/scan_scores.py benchmarks/results/protocol --output docs/experiments/scan_scores.json
+
+Prints a table per dataset and writes the JSON (every run's figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, seed_everything
+from scipy import ndimage
+
+QUANTILES = (0.99, 0.999)
+MIN_CLUSTER_ML = 0.1
+FAMILIES = ("tumour", "small", "multifocal", "hypointense")
+
+
+def scan_scores(scores: np.ndarray, brain: np.ndarray, voxel_ml: float, thresholds: dict[float, float]) -> dict[str, float]:
+    """Every score of one scan from its map ``scores`` and brain mask ``brain`` (``[D, H, W]``)."""
+    from simpleslicenet.clusters import CONNECTIVITY
+
+    inside = np.sort(scores[brain])
+    result = {"max": float(inside[-1]), "top 0.1%": float(inside[-max(1, round(inside.size * 0.001)) :].mean())}
+    for q, u in thresholds.items():
+        above = brain & (scores > u)
+        excess = np.where(above, scores - u, 0.0)
+        clusters, count = ndimage.label(above, structure=CONNECTIVITY)
+        index = np.arange(1, count + 1)
+        masses = ndimage.sum_labels(excess, clusters, index) if count else np.zeros(1)
+        sizes = np.bincount(clusters.ravel(), minlength=count + 1)[1:] * voxel_ml if count else np.zeros(1)
+        result[f"brain mass, u = q{q}"] = float(excess.sum())
+        result[f"largest cluster mass, u = q{q}"] = float(masses.max())
+        result[f"largest cluster ml, u = q{q}"] = float(sizes.max())
+        result[f"clusters >= {MIN_CLUSTER_ML} ml, u = q{q}"] = float((sizes >= MIN_CLUSTER_ML).sum())
+    return result
+
+
+class ScanScores(Callback):
+    """Healthy validation voxels for the thresholds, then every test scan's scores."""
+
+    def __init__(self) -> None:
+        self.healthy: list[np.ndarray] = []
+        self.thresholds: dict[float, float] = {}
+        self.scans: list[dict] = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001, D102
+        for _, rows in outputs.volumes():
+            part = outputs.rows(rows)
+            if int(part.volume_label[0]) == 0:
+                self.healthy.append(part.anomaly_map.squeeze(1).numpy()[part.brain_mask.numpy()])
+
+    def on_test_start(self, trainer, pl_module) -> None:  # noqa: ANN001, D102
+        pooled = np.concatenate(self.healthy)
+        self.thresholds = {q: float(np.quantile(pooled, q)) for q in QUANTILES}
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001, D102
+        for index, rows in outputs.volumes():
+            part = outputs.rows(rows)
+            amap, brain, lesion = part.anomaly_map.squeeze(1).numpy(), part.brain_mask.numpy(), part.gt_mask.numpy().astype(bool)
+            scores = scan_scores(amap, brain, part.geometry[0].voxel_ml, self.thresholds)
+            # Whether the map holds the lesion at all: its hottest brain voxel lies on the lesion.
+            on_lesion = bool(lesion[brain].any()) and bool(amap[brain & lesion].max() >= amap[brain].max())
+            self.scans.append({"index": index, "label": int(part.volume_label[0]), "recorded": float(part.volume_score[0]), "on_lesion": on_lesion, **scores})
+
+
+def evaluate_run(record: Path) -> dict:
+    """Test one run's checkpoint again and return each score's volume AUROC, overall and by family."""
+    from anomalib.engine import Engine
+
+    from simpleslicenet.benchmark.single_run import load_datamodule
+    from simpleslicenet.metrics.exact import exact_auroc
+    from simpleslicenet.models.registry import get_model_class
+
+    spec = json.loads(record.read_text())
+    seed_everything(spec["seed"], workers=True)
+    datamodule = load_datamodule(spec["dataset_class"], {**spec["dataset_args"], "seed": spec["seed"]})
+    model = get_model_class(spec["model"])(**{"visualizer": False, **spec["model_args"]})
+    collector = ScanScores()
+    checkpoint = str(record.with_suffix("") / spec["checkpoint"])
+    with tempfile.TemporaryDirectory() as scratch:
+        engine = Engine(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, callbacks=[collector], default_root_dir=scratch)
+        engine.validate(model, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
+        engine.test(model, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
+    samples = datamodule.test_data.samples
+    families = [str(family) if int(label) else "healthy" for family, label in zip(samples["lesion_family"], samples["label_index"], strict=True)]
+    scans = collector.scans
+    if any(abs(scan["max"] - scan["recorded"]) > 1e-5 for scan in scans):
+        msg = f"{record}: the hottest brain voxel is not the recorded volume score"
+        raise RuntimeError(msg)
+    names = [name for name in scans[0] if name not in {"index", "label", "recorded", "on_lesion"}]
+    auroc: dict[str, dict[str, float]] = {}
+    for name in names:
+        groups = {"all": scans} | {f: [s for s in scans if families[s["index"]] in {"healthy", f}] for f in FAMILIES}
+        auroc[name] = {
+            group: exact_auroc(torch.tensor([s[name] for s in chosen]), torch.tensor([s["label"] for s in chosen]))
+            for group, chosen in groups.items()
+        }
+    hottest_on_lesion = {f: [s["on_lesion"] for s in scans if families[s["index"]] == f] for f in FAMILIES}
+    return {
+        "run": record.stem,
+        "dataset": spec["dataset"],
+        "seed": spec["seed"],
+        "thresholds": collector.thresholds,
+        "volume_auroc": auroc,
+        "hottest_voxel_on_lesion": {f: [sum(flags), len(flags)] for f, flags in hottest_on_lesion.items()},
+    }
+
+
+def table(runs: list[dict], dataset: str) -> str:
+    """Markdown: each score's volume AUROC, mean ± std over the dataset's seeds."""
+    chosen = [run for run in runs if run["dataset"] == dataset]
+    columns = ["all", *FAMILIES]
+    lines = [f"| scan score ({dataset}) | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in chosen:
+        for name, groups in run["volume_auroc"].items():
+            for group, value in groups.items():
+                values[name][group].append(value)
+    for name, groups in values.items():
+        cells = [f"{statistics.mean(groups[c]):.3f} ± {statistics.stdev(groups[c]):.3f}" for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    counts = [[sum(run["hottest_voxel_on_lesion"][f][i] for run in chosen) for i in (0, 1)] for f in FAMILIES]
+    lines.append("| hottest brain voxel on the lesion (scans) | | " + " | ".join(f"{hit} of {n}" for hit, n in counts) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep", type=Path, help="a sweep's output folder (its runs/ hold the checkpoints)")
+    parser.add_argument("--model", default="SimpleSliceNet", help="the runs' model label")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/scan_scores.json"))
+    args = parser.parse_args(argv)
+    from simpleslicenet.quiet import quiet_lightning_messages
+
+    quiet_lightning_messages()
+    records = sorted(p for p in (args.sweep / "runs").glob(f"*__{args.model}__*.json") if not p.name.endswith(".spec.json"))
+    runs = [evaluate_run(record) for record in records]
+    report = {"sweep": args.sweep.name, "model": args.model, "quantiles": QUANTILES, "min_cluster_ml": MIN_CLUSTER_ML, "runs": runs}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    for dataset in dict.fromkeys(run["dataset"] for run in runs):
+        print(table(runs, dataset), end="\n\n")
+    print(f"wrote {args.output}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
