@@ -92,6 +92,7 @@ def evaluate_run(record: Path) -> dict:
     from anomalib.engine import Engine
 
     from simpleslicenet.benchmark.single_run import load_datamodule
+    from simpleslicenet.metrics.breakdown import lesion_families
     from simpleslicenet.metrics.exact import exact_auroc
     from simpleslicenet.models.registry import get_model_class
 
@@ -105,21 +106,20 @@ def evaluate_run(record: Path) -> dict:
         engine = Engine(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, callbacks=[collector], default_root_dir=scratch)
         engine.validate(model, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
         engine.test(model, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
-    samples = datamodule.test_data.samples
-    families = [str(family) if int(label) else "healthy" for family, label in zip(samples["lesion_family"], samples["label_index"], strict=True)]
-    scans = collector.scans
+    family = lesion_families(engine.trainer)
+    scans = [{**scan, "family": family.get(scan["index"], "healthy")} for scan in collector.scans]
     if any(abs(scan["max"] - scan["recorded"]) > 1e-5 for scan in scans):
         msg = f"{record}: the hottest brain voxel is not the recorded volume score"
         raise RuntimeError(msg)
-    names = [name for name in scans[0] if name not in {"index", "label", "recorded", "on_lesion"}]
+    names = [name for name in scans[0] if name not in {"index", "label", "recorded", "on_lesion", "family"}]
     auroc: dict[str, dict[str, float]] = {}
     for name in names:
-        groups = {"all": scans} | {f: [s for s in scans if families[s["index"]] in {"healthy", f}] for f in FAMILIES}
+        groups = {"all": scans} | {f: [s for s in scans if s["family"] in {"healthy", f}] for f in FAMILIES}
         auroc[name] = {
             group: exact_auroc(torch.tensor([s[name] for s in chosen]), torch.tensor([s["label"] for s in chosen]))
             for group, chosen in groups.items()
         }
-    hottest_on_lesion = {f: [s["on_lesion"] for s in scans if families[s["index"]] == f] for f in FAMILIES}
+    hottest_on_lesion = {f: [s["on_lesion"] for s in scans if s["family"] == f] for f in FAMILIES}
     return {
         "run": record.stem,
         "dataset": spec["dataset"],
