@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from simpleslicenet.atomic import atomic_path, atomic_write_text
-from simpleslicenet.metrics.calibrated import ks_uniform
+from simpleslicenet.metrics.calibrated import FOUND_IN_FAMILY, ks_uniform
 from simpleslicenet.reports import Cell, ReportSection, Table, render_sweep_report
 from simpleslicenet.training.selection import PROTOCOL_LABEL
 
@@ -56,7 +56,7 @@ CALIBRATED_COLUMNS = [
     ("calibration_volumes", "calibration vols", 0),
 ]
 _HIGHER_IS_BETTER = {key for key, _name, _digits in TABLE_COLUMNS[:7]} | {"fdr05_Dice", "fdr05_lesion_detection", "fdr05_lesion_vols_found"}
-_FAMILY_FOUND = "fdr05_found_"  # + family: share of the family's lesion volumes with a flagged lesion voxel
+_FAMILY_FOUND = f"fdr05_{FOUND_IN_FAMILY}"  # + family: share of the family's lesion volumes with a flagged lesion voxel
 
 
 def results_frame(results: list[dict]) -> pd.DataFrame:

@@ -29,7 +29,10 @@ from simpleslicenet.calibration import ConformalCalibration
 from simpleslicenet.clusters import count_lesions
 from simpleslicenet.metrics.breakdown import lesion_families
 
-__all__ = ["CalibratedEvaluation", "calibrate_model", "ks_uniform", "volume_maps"]
+__all__ = ["FOUND_IN_FAMILY", "CalibratedEvaluation", "calibrate_model", "ks_uniform", "volume_maps"]
+
+# ``fdr<q>_`` + this + the family: the metric of one lesion family's volumes found (the report reads it back).
+FOUND_IN_FAMILY = "found_"
 
 
 def volume_maps(batches: Iterable[Any]) -> Iterator[tuple[np.ndarray, np.ndarray, float, Any]]:
@@ -116,7 +119,7 @@ class CalibratedEvaluation(Callback):
                     counts["healthy_flagged"] += int(flagged.any())
                     continue
                 family = self._families.get(int(part.volume_index[0])) if part.volume_index is not None else None
-                for group in ("lesion_vols_found", f"found_{family}") if family else ("lesion_vols_found",):
+                for group in ("lesion_vols_found", f"{FOUND_IN_FAMILY}{family}") if family else ("lesion_vols_found",):
                     tally = self._found[q].setdefault(group, [0, 0])
                     tally[0] += 1
                     tally[1] += int((flagged & lesion).any())
