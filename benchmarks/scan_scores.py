@@ -25,13 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch import Callback, seed_everything
+from lightning.pytorch import Callback
 from scipy import ndimage
 
 QUANTILES = (0.99, 0.999)
@@ -89,23 +88,13 @@ class ScanScores(Callback):
 
 def evaluate_run(record: Path) -> dict:
     """Test one run's checkpoint again and return each score's volume AUROC, overall and by family."""
-    from anomalib.engine import Engine
-
-    from simpleslicenet.benchmark.single_run import load_datamodule
+    from simpleslicenet.benchmark.single_run import retest_run
     from simpleslicenet.metrics.breakdown import lesion_families
     from simpleslicenet.metrics.exact import exact_auroc
-    from simpleslicenet.models.registry import get_model_class
 
     spec = json.loads(record.read_text())
-    seed_everything(spec["seed"], workers=True)
-    datamodule = load_datamodule(spec["dataset_class"], {**spec["dataset_args"], "seed": spec["seed"]})
-    model = get_model_class(spec["model"])(**{"visualizer": False, **spec["model_args"]})
     collector = ScanScores()
-    checkpoint = str(record.with_suffix("") / spec["checkpoint"])
-    with tempfile.TemporaryDirectory() as scratch:
-        engine = Engine(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, callbacks=[collector], default_root_dir=scratch)
-        engine.validate(model, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
-        engine.test(model, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
+    engine = retest_run(record, [collector], validate=True)
     family = lesion_families(engine.trainer)
     scans = [{**scan, "family": family.get(scan["index"], "healthy")} for scan in collector.scans]
     if any(abs(scan["max"] - scan["recorded"]) > 1e-5 for scan in scans):

@@ -726,3 +726,17 @@ def test_paper_config_builds_the_papers_model() -> None:
     # 192x192 slices give the paper's 24x24 cells; 96 slices its 32 depth triplets.
     cells, conditions = torch_model.volume_cells(torch.randn(96, 512, 24, 24))
     assert cells.shape == (32, 512, 24, 24) and conditions.dense().shape == (32 * 24 * 24, 128)
+
+
+def test_the_1mm_config_reads_a_192_slice_in_cells_of_4_voxels() -> None:
+    """``simpleslicenet_1mm.yaml`` differs from the stock model only in its stages: a 48x48 grid, not 24x24."""
+    from simpleslicenet.models.registry import config_init_args, packaged_config
+
+    init_args = config_init_args(packaged_config("simpleslicenet_1mm.yaml"))
+    assert set(init_args) == {"layers"}
+    fine = SimpleSliceNet(**{**init_args, "flow_blocks": 1, "backbone_weights": "random"}).model.encoder
+    stock = SimpleSliceNet(flow_blocks=1, backbone_weights="random").model.encoder
+    stock_grid = stock(torch.randn(1, 3, 192, 192))
+    fine_grid = fine(torch.randn(1, 3, 192, 192))
+    assert fine_grid.shape[-2:] == (48, 48) and fine.stride == 4
+    assert stock_grid.shape[-2:] == (24, 24) and stock.stride == 8

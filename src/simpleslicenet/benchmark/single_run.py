@@ -12,6 +12,7 @@ import importlib
 import json
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -125,6 +126,26 @@ def run_single(spec: dict, out_dir: Path) -> dict:
         "n_test_volumes": len(datamodule.test_data),
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def retest_run(record: str | Path, callbacks: list, validate: bool = False) -> Engine:
+    """Test a finished run's checkpoint again on its own dataset and seed, with ``callbacks`` attached.
+
+    ``record`` is the run's result file (``runs/<run id>.json``); ``validate`` first runs the validation
+    split through the callbacks too. Returns the engine, whose trainer still holds the datamodule.
+    """
+    record = Path(record)
+    spec = json.loads(record.read_text())
+    seed_everything(spec["seed"], workers=True)
+    datamodule = load_datamodule(spec["dataset_class"], {**spec["dataset_args"], "seed": spec["seed"]})
+    model = get_model_class(spec["model"])(**{"visualizer": False, **spec["model_args"]})
+    checkpoint = str(record.with_suffix("") / spec["checkpoint"])
+    with tempfile.TemporaryDirectory() as scratch:
+        engine = Engine(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, callbacks=callbacks, default_root_dir=scratch)
+        if validate:
+            engine.validate(model, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
+        engine.test(model, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
+    return engine
 
 
 def main(argv: list[str] | None = None) -> None:
