@@ -47,6 +47,7 @@ __all__ = [
     "CalibrationError",
     "ConformalCalibration",
     "benjamini_hochberg",
+    "benjamini_hochberg_cutoff",
     "model_digest",
     "simes_statistic",
 ]
@@ -89,22 +90,26 @@ def simes_statistic(pvalues: np.ndarray) -> float:
     return float(np.min(ordered * ordered.size / np.arange(1, ordered.size + 1)))
 
 
-def benjamini_hochberg(pvalues: np.ndarray, q: float) -> np.ndarray:
-    """Benjamini–Hochberg at false discovery rate ``q``: a boolean array, ``True`` where rejected.
+def benjamini_hochberg_cutoff(ordered: np.ndarray, q: float) -> float | None:
+    """The largest of the increasingly ``ordered`` p-values that Benjamini–Hochberg at ``q`` rejects.
 
-    ``q = 0`` rejects nothing (the level a calibration gives when it has too few scans).
+    Every p-value at or below it is rejected; ``None`` when nothing is (also for ``q = 0``, the level a
+    calibration gives when it has too few scans, and for no p-value at all).
     """
     if q == 0:
-        return np.zeros(np.shape(pvalues), dtype=bool)
+        return None
     _check_rate(q)
-    flat = np.asarray(pvalues, dtype=np.float64).ravel()
-    if flat.size == 0:
+    ordered = np.asarray(ordered, dtype=np.float64).ravel()
+    passing = np.nonzero(ordered <= q * np.arange(1, ordered.size + 1) / ordered.size)[0]
+    return float(ordered[passing[-1]]) if passing.size else None
+
+
+def benjamini_hochberg(pvalues: np.ndarray, q: float) -> np.ndarray:
+    """Benjamini–Hochberg at false discovery rate ``q``: a boolean array, ``True`` where rejected."""
+    cutoff = benjamini_hochberg_cutoff(np.sort(np.asarray(pvalues, dtype=np.float64).ravel()), q)
+    if cutoff is None:
         return np.zeros(np.shape(pvalues), dtype=bool)
-    ordered = np.sort(flat)
-    passing = np.nonzero(ordered <= q * np.arange(1, flat.size + 1) / flat.size)[0]
-    if passing.size == 0:
-        return np.zeros(np.shape(pvalues), dtype=bool)
-    return np.asarray(pvalues) <= ordered[passing[-1]]
+    return np.asarray(pvalues) <= cutoff
 
 
 def _leave_one_out_simes(scan: np.ndarray, pooled: np.ndarray) -> float:
