@@ -143,11 +143,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="SimpleSliceNet", help="the runs' model label")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/scan_scores.json"))
     args = parser.parse_args(argv)
+    from simpleslicenet.benchmark.single_run import run_records
     from simpleslicenet.quiet import quiet_lightning_messages
 
     quiet_lightning_messages()
-    records = sorted(p for p in (args.sweep / "runs").glob(f"*__{args.model}__*.json") if not p.name.endswith(".spec.json"))
-    runs = [evaluate_run(record) for record in records]
+    runs = [evaluate_run(record) for record in run_records(args.sweep, model=args.model)]
     report = {"sweep": args.sweep.name, "model": args.model, "quantiles": QUANTILES, "min_cluster_ml": MIN_CLUSTER_ML, "runs": runs}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")

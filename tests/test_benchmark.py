@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pandas as pd
@@ -89,6 +90,16 @@ def test_sweep_writes_report_and_resumes(phantom_root: Path, tmp_path: Path, mon
     assert set(retested) == set(ssn["metrics"])
     for name, value in ssn["metrics"].items():
         assert retested[name] == pytest.approx(value, abs=1e-9, nan_ok=True), name
+
+    # benchmarks/lesions_found.py tests the run again and reproduces its recorded lesion counts (or refuses).
+    spec = importlib.util.spec_from_file_location("lesions_found", Path(__file__).resolve().parents[1] / "benchmarks" / "lesions_found.py")
+    lesions_found = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lesions_found)
+    [counted] = lesions_found.main([str(tmp_path / "out"), "--output", str(tmp_path / "lesions_found.json")])["runs"]
+    assert counted["false_clusters_per_healthy_scan"] == pytest.approx(ssn["metrics"]["lesion_FPclusters"])
+    half, one = counted["found"]["0.5"]["all"], counted["found"]["1.0"]["all"]
+    assert one[0] / one[1] == pytest.approx(ssn["metrics"]["lesion_detection"]) and half[1] >= one[1] > 0
+    assert sum(counted["found"]["1.0"][family][1] for family in lesions_found.FAMILIES) == one[1]
 
     # A second call finds both results and redoes nothing.
     logs = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").glob("*.log")}

@@ -511,6 +511,40 @@ def test_killed_batches_leave_one_complete_batch_and_no_temporary_files(stub: ty
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(TEMP_PREFIX)]
 
 
+def test_a_process_killed_holding_the_progress_lock_does_not_block_a_quiet_batch(stub: type, tmp_path: Path) -> None:
+    """tqdm's class lock is shared with forked processes: a batch without a bar must not wait for it."""
+    from tqdm import tqdm
+
+    scans = tmp_path / "scans"
+    write_scans(scans, 2)
+    pid = os.fork()
+    if pid == 0:  # in a child, so that the lock this test leaves held is never this session's
+        tqdm.get_lock()  # made before the fork, as in any process that has shown a bar
+        holder = os.fork()
+        if holder == 0:
+            tqdm.get_lock().acquire()
+            time.sleep(60)
+            os._exit(0)
+        time.sleep(0.5)
+        os.kill(holder, signal.SIGKILL)  # dies holding the lock
+        os.waitpid(holder, 0)
+        code = 0
+        try:
+            predict_paths("m.xml", scans, tmp_path / "maps", progress=False)
+        except BaseException:  # noqa: BLE001 - the exit status is all the parent looks at
+            code = 3
+        os._exit(code)
+    deadline = time.monotonic() + 60
+    while (ended := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if ended[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the batch waited for a lock held by a killed process")
+    assert os.WIFEXITED(ended[1]) and os.WEXITSTATUS(ended[1]) == 0, f"the child ended with wait status {ended[1]}"
+    assert len(_check_complete_batch(tmp_path / "maps")) == 2
+
+
 # --- one writer of a scan's outputs -------------------------------------------------------------
 
 

@@ -31,7 +31,7 @@ from simpleslicenet.metrics.calibrated import CalibratedEvaluation, calibrate_mo
 from simpleslicenet.models.registry import get_model_class
 from simpleslicenet.training.selection import ValidationSliceAUROCCheckpoint
 
-__all__ = ["run_single", "load_datamodule"]
+__all__ = ["load_datamodule", "retest_run", "run_records", "run_single"]
 
 
 def load_datamodule(class_path: str, init_args: dict):  # noqa: ANN201
@@ -126,6 +126,12 @@ def run_single(spec: dict, out_dir: Path) -> dict:
         "n_test_volumes": len(datamodule.test_data),
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def run_records(sweep: str | Path, model: str = "*", dataset: str = "*") -> list[Path]:
+    """The result files of a sweep's finished runs (``<sweep>/runs/<dataset>__<model>__*.json``), sorted."""
+    found = (Path(sweep) / "runs").glob(f"{dataset}__{model}__*.json")
+    return sorted(path for path in found if not path.name.endswith(".spec.json"))
 
 
 def retest_run(record: str | Path, callbacks: list, validate: bool = False) -> Engine:

@@ -283,7 +283,10 @@ def predict_paths(
     report = PredictionReport(output=output)
     with staged_directory(output, _STAGING_TAG) as staging:
         with one_write_in_flight() as submit, _scans_in_flight(inferencer, rule, scans) as predicted:
-            for scan, future in tqdm(predicted, total=len(scans), desc="predict", unit="scan", disable=not progress):
+            # No bar, no tqdm: its class lock is shared with forked processes, and one killed while
+            # holding it would block every later bar of this process.
+            rows = tqdm(predicted, total=len(scans), desc="predict", unit="scan") if progress else predicted
+            for scan, future in rows:
                 try:
                     prediction, outputs = future.result()
                 except (VolumeError, ModelOutputError) as error:
