@@ -520,12 +520,14 @@ def test_a_process_killed_holding_the_progress_lock_does_not_block_a_quiet_batch
     pid = os.fork()
     if pid == 0:  # in a child, so that the lock this test leaves held is never this session's
         tqdm.get_lock()  # made before the fork, as in any process that has shown a bar
+        taken, told = os.pipe()
         holder = os.fork()
         if holder == 0:
             tqdm.get_lock().acquire()
+            os.write(told, b"1")
             time.sleep(60)
             os._exit(0)
-        time.sleep(0.5)
+        os.read(taken, 1)
         os.kill(holder, signal.SIGKILL)  # dies holding the lock
         os.waitpid(holder, 0)
         code = 0
