@@ -513,13 +513,15 @@ def test_killed_batches_leave_one_complete_batch_and_no_temporary_files(stub: ty
 
 def test_a_process_killed_holding_the_progress_lock_does_not_block_a_quiet_batch(stub: type, tmp_path: Path) -> None:
     """tqdm's class lock is shared with forked processes: a batch without a bar must not wait for it."""
-    from tqdm import tqdm
+    import multiprocessing
+
+    from tqdm.auto import tqdm  # the class predict uses (its lock is its own once it has shown a bar)
 
     scans = tmp_path / "scans"
     write_scans(scans, 2)
     pid = os.fork()
-    if pid == 0:  # in a child, so that the lock this test leaves held is never this session's
-        tqdm.get_lock()  # made before the fork, as in any process that has shown a bar
+    if pid == 0:  # in a child with a process-shared lock of its own: the one it leaves held is not the session's
+        tqdm.set_lock(multiprocessing.RLock())
         taken, told = os.pipe()
         holder = os.fork()
         if holder == 0:
