@@ -525,8 +525,8 @@ def test_a_process_killed_holding_the_progress_lock_does_not_block_a_quiet_batch
         taken, told = os.pipe()
         holder = os.fork()
         if holder == 0:
-            tqdm.get_lock().acquire()
-            os.write(told, b"1")
+            if tqdm.get_lock().acquire(timeout=30):  # bounded, so that no process of this test outlives it
+                os.write(told, b"1")
             time.sleep(60)
             os._exit(0)
         os.read(taken, 1)
