@@ -15,12 +15,11 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from simpleslicenet.calibration import CalibrationError, ConformalCalibration, model_digest
 from simpleslicenet.data.scans import ScanFiles
 from simpleslicenet.deploy.inferencer import VolumeInferencer
 from simpleslicenet.deploy.predict import input_scans
+from simpleslicenet.deploy.progress import progress_rows
 
 __all__ = ["MIN_SCANS_FOR_005", "calibrate_paths"]
 
@@ -64,7 +63,7 @@ def calibrate_paths(
     scans = input_scans(inputs)
     inferencer = VolumeInferencer(model, device=device, precision=precision)
     maps, volume_scores = [], []
-    for scan in tqdm(scans, desc="calibrate", unit="scan", disable=not progress):
+    for scan in progress_rows(scans, progress, desc="calibrate", unit="scan"):
         prediction = inferencer.predict(scan.image_path, brain_mask_path=scan.brain_mask_path)
         maps.append(prediction.model_map[prediction.brain_mask.astype(bool)])
         volume_scores.append(prediction.volume_score)

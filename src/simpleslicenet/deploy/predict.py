@@ -34,8 +34,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from simpleslicenet.atomic import atomic_write_text, leave_stop_signals_to_the_main_thread, staged_directory
 from simpleslicenet.data.bids import BidsDataset, BidsError
 from simpleslicenet.data.nifti import VolumeError
@@ -43,6 +41,7 @@ from simpleslicenet.data.scans import ScanFiles, scans_from
 from simpleslicenet.deploy.inferencer import VolumeInferencer, VolumePrediction
 from simpleslicenet.deploy.loading import ModelOutputError
 from simpleslicenet.deploy.masks import MaskRule
+from simpleslicenet.deploy.progress import progress_rows
 from simpleslicenet.deploy.report import SUMMARY_FILES, PredictionReport
 from simpleslicenet.scan_outputs import OUTPUT_FILES, ScanOutputs, one_write_in_flight, output_paths, write_scan_outputs
 
@@ -283,10 +282,7 @@ def predict_paths(
     report = PredictionReport(output=output)
     with staged_directory(output, _STAGING_TAG) as staging:
         with one_write_in_flight() as submit, _scans_in_flight(inferencer, rule, scans) as predicted:
-            # No bar, no tqdm: its class lock is shared with forked processes, and one killed while
-            # holding it would block every later bar of this process.
-            rows = tqdm(predicted, total=len(scans), desc="predict", unit="scan") if progress else predicted
-            for scan, future in rows:
+            for scan, future in progress_rows(predicted, progress, total=len(scans), desc="predict", unit="scan"):
                 try:
                     prediction, outputs = future.result()
                 except (VolumeError, ModelOutputError) as error:
