@@ -34,6 +34,18 @@ def phantom_datamodule(phantom_root: Path):  # noqa: ANN201
     return datamodule
 
 
+def load_benchmark(name: str):  # noqa: ANN201
+    """The script ``benchmarks/<name>.py`` as a module (registered under ``name``: dataclasses look it up)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 # Small SimpleSliceNet settings for tests: real offline backbone, short flow, light smoothing.
 TINY_SIMPLESLICENET = {"flow_blocks": 2, "smoothing_sigma": 1.0}
 

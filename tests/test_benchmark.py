@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from conftest import PHANTOM_KWARGS, TINY_SIMPLESLICENET, children_running
+from conftest import PHANTOM_KWARGS, TINY_SIMPLESLICENET, children_running, load_benchmark
 
 pytestmark = pytest.mark.slow
 
@@ -92,9 +91,7 @@ def test_sweep_writes_report_and_resumes(phantom_root: Path, tmp_path: Path, mon
         assert retested[name] == pytest.approx(value, abs=1e-9, nan_ok=True), name
 
     # benchmarks/lesions_found.py tests the run again and reproduces its recorded lesion counts (or refuses).
-    spec = importlib.util.spec_from_file_location("lesions_found", Path(__file__).resolve().parents[1] / "benchmarks" / "lesions_found.py")
-    lesions_found = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lesions_found)
+    lesions_found = load_benchmark("lesions_found")
     [counted] = lesions_found.main([str(tmp_path / "out"), "--output", str(tmp_path / "lesions_found.json")])["runs"]
     assert counted["false_clusters_per_healthy_scan"] == pytest.approx(ssn["metrics"]["lesion_FPclusters"])
     half, one = counted["found"]["0.5"]["all"], counted["found"]["1.0"]["all"]

@@ -6,24 +6,18 @@ cases, lives there); here hypothesis draws its choices, a few hundred cases with
 
 from __future__ import annotations
 
-import importlib.util
 import signal
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-_SPEC = importlib.util.spec_from_file_location(
-    "fuzz_nifti", Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz_nifti.py"
-)
-fuzz = importlib.util.module_from_spec(_SPEC)
-sys.modules["fuzz_nifti"] = fuzz  # dataclasses look their module up by name
-_SPEC.loader.exec_module(fuzz)
+fuzz = load_benchmark("fuzz_nifti")
 
 CASE_SECONDS = 5
 

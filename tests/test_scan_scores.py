@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import load_benchmark
 
-_SPEC = importlib.util.spec_from_file_location("scan_scores", Path(__file__).resolve().parents[1] / "benchmarks" / "scan_scores.py")
-scan_scores_module = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(scan_scores_module)
+scan_scores_module = load_benchmark("scan_scores")
 
 
 def test_cluster_scores_sum_the_excess_of_each_cluster_inside_the_brain() -> None:

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
+from conftest import load_benchmark
 from scipy import ndimage
 
 from simpleslicenet.calibration import ConformalCalibration
 
-_SPEC = importlib.util.spec_from_file_location("site_calibration", Path(__file__).resolve().parents[1] / "benchmarks" / "site_calibration.py")
-site_calibration = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(site_calibration)
+site_calibration = load_benchmark("site_calibration")
 
 
 def _field(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
