@@ -1,15 +1,19 @@
-"""Lesions found at the validation threshold, counted from several lesion sizes up.
+"""Lesions found at the validation threshold or at a false discovery rate, counted from several lesion sizes up.
 
 A sweep's tables count the lesions of at least 1 ml (``lesion_detection``). This script tests a finished
 sweep's runs again (their checkpoints, e.g. ``configs/benchmark/protocol.yaml``'s) on their own dataset
-and seed, thresholds every test map at the run's recorded validation threshold, and counts, for each
-smallest size, the lesions with a flagged voxel on them, by lesion family, and the false-positive
-clusters per healthy scan (:func:`simpleslicenet.clusters.count_lesions`, the sweep's own rule). The
-1-ml count must reproduce the recorded ``lesion_detection``, and the false clusters the recorded
-``lesion_FPclusters``, or the run is refused.
+and seed, flags every test map's voxels at the run's recorded validation threshold (or, with ``--fdr
+q``, the voxels its saved calibration flags at false discovery rate ``q``: runs of a sweep with
+calibration scans, e.g. ``protocol_calibrated.yaml``), and counts, for each smallest size, the lesions
+with a flagged voxel on them, by lesion family, and the false-positive clusters per healthy scan
+(:func:`simpleslicenet.clusters.count_lesions`, the sweep's own rule). The 1-ml count must reproduce
+the recorded ``lesion_detection`` (``fdr<q>_lesion_detection``), and the false clusters the recorded
+``lesion_FPclusters`` (``fdr<q>_FPclusters``), or the run is refused.
 
     python benchmarks/lesions_found.py benchmarks/results/protocol --model SimpleSliceNet \\
         --output docs/experiments/lesions_found.json
+    python benchmarks/lesions_found.py benchmarks/results/protocol_calibrated --fdr 0.1 \\
+        --output docs/experiments/lesions_found_fdr10.json
 
 Prints a table per dataset (shares pooled over each run's lesions, then mean ± std over the seeds) and
 writes the JSON (every run's counts).
@@ -17,13 +21,14 @@ writes the JSON (every run's counts).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from lightning.pytorch import Callback
 
 MIN_ML = (0.5, 1.0)
@@ -31,10 +36,13 @@ FAMILIES = ("tumour", "small", "multifocal", "hypointense")
 
 
 class LesionCounts(Callback):
-    """Every test scan's lesions and false clusters at a fixed threshold, for each smallest size."""
+    """Every test scan's lesions and false clusters under one flagging rule, for each smallest size.
 
-    def __init__(self, threshold: float, min_ml: tuple[float, ...]) -> None:
-        self.threshold = threshold
+    ``flag(map, brain)`` gives a scan's flagged brain voxels (boolean, the map's shape).
+    """
+
+    def __init__(self, flag: Callable[[np.ndarray, np.ndarray], np.ndarray], min_ml: tuple[float, ...]) -> None:
+        self.flag = flag
         self.min_ml = min_ml
         self.scans: list[dict] = []
 
@@ -44,7 +52,7 @@ class LesionCounts(Callback):
         for index, rows in outputs.volumes():
             part = outputs.rows(rows)
             brain = part.brain_mask.numpy().astype(bool)
-            flagged = (part.anomaly_map.squeeze(1).numpy() >= self.threshold) & brain
+            flagged = self.flag(part.anomaly_map.squeeze(1).numpy(), brain) & brain
             lesion = part.gt_mask.numpy().astype(bool) & brain
             counts = {str(ml): count_lesions(flagged, lesion, part.geometry[0].voxel_ml, ml) for ml in self.min_ml}
             false_clusters = next(iter(counts.values()))[2]  # the same at every size
@@ -52,13 +60,28 @@ class LesionCounts(Callback):
             self.scans.append({"index": index, "healthy": not lesion.any(), "false_clusters": false_clusters, "lesions": lesions})
 
 
-def evaluate_run(record: Path, min_ml: tuple[float, ...]) -> dict:
-    """Test one run's checkpoint again; its lesions found for each smallest size, by family."""
+def evaluate_run(record: Path, min_ml: tuple[float, ...], fdr: float | None = None) -> dict:
+    """Test one run's checkpoint again; its lesions found for each smallest size, by family.
+
+    Flagged at the validation threshold, or at false discovery rate ``fdr`` with the run's calibration.
+    """
     from simpleslicenet.benchmark.single_run import retest_run
+    from simpleslicenet.calibration import ConformalCalibration
     from simpleslicenet.metrics.breakdown import lesion_families
 
     result = json.loads(record.read_text())
-    counter = LesionCounts(float(result["val_threshold"]), min_ml)
+    if fdr is None:
+        threshold = float(result["val_threshold"])
+        rule = {"threshold": threshold}
+        recorded = result["metrics"]
+        detection, false_key = "lesion_detection", "lesion_FPclusters"
+        counter = LesionCounts(lambda amap, brain: amap >= threshold, min_ml)
+    else:
+        calibration = ConformalCalibration.load(record.with_suffix("") / "calibration.json")
+        rule = {"fdr": fdr, "fdr_level": calibration.fdr_level(fdr)}
+        recorded, tag = result["calibrated"], f"fdr{round(fdr * 100):02d}"
+        detection, false_key = f"{tag}_lesion_detection", f"{tag}_FPclusters"
+        counter = LesionCounts(lambda amap, brain: calibration.fdr_mask(amap, brain, fdr), min_ml)
     engine = retest_run(record, [counter])
     family = lesion_families(engine.trainer)
     found: dict[str, dict[str, list[int]]] = {}
@@ -67,18 +90,17 @@ def evaluate_run(record: Path, min_ml: tuple[float, ...]) -> dict:
         found[ml] = {group: [sum(s["lesions"][ml][i] for s in scans) for i in (1, 0)] for group, scans in groups.items()}
     healthy = [s["false_clusters"] for s in counter.scans if s["healthy"]]
     false_clusters = sum(healthy) / len(healthy)
-    recorded = result["metrics"]
-    if "1.0" in found and abs(found["1.0"]["all"][0] / found["1.0"]["all"][1] - recorded["lesion_detection"]) > 1e-9:
-        msg = f"{record}: lesions of 1 ml found do not reproduce the recorded lesion_detection"
+    if "1.0" in found and abs(found["1.0"]["all"][0] / found["1.0"]["all"][1] - recorded[detection]) > 1e-9:
+        msg = f"{record}: lesions of 1 ml found do not reproduce the recorded {detection}"
         raise RuntimeError(msg)
-    if abs(false_clusters - recorded["lesion_FPclusters"]) > 1e-9:
-        msg = f"{record}: false clusters do not reproduce the recorded lesion_FPclusters"
+    if abs(false_clusters - recorded[false_key]) > 1e-9:
+        msg = f"{record}: false clusters do not reproduce the recorded {false_key}"
         raise RuntimeError(msg)
     return {
         "run": record.stem,
         "dataset": result["dataset"],
         "seed": result["seed"],
-        "threshold": counter.threshold,
+        **rule,
         "found": found,  # smallest size -> group -> [found, lesions]
         "false_clusters_per_healthy_scan": false_clusters,
     }
@@ -115,25 +137,18 @@ def _mean_std(values: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sweep", type=Path, help="a sweep's output folder (its runs/ hold the checkpoints)")
-    parser.add_argument("--model", default="SimpleSliceNet", help="the runs' model label")
-    parser.add_argument("--min-ml", type=float, nargs="+", default=list(MIN_ML), help="smallest lesion sizes counted")
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/lesions_found.json"))
-    args = parser.parse_args(argv)
-    from simpleslicenet.benchmark.single_run import run_records
+    from simpleslicenet.benchmark.single_run import retest_parser, run_records, write_report
     from simpleslicenet.quiet import quiet_lightning_messages
 
+    parser = retest_parser(__doc__.splitlines()[0], "lesions_found")
+    parser.add_argument("--min-ml", type=float, nargs="+", default=list(MIN_ML), help="smallest lesion sizes counted")
+    parser.add_argument("--fdr", type=float, default=None, help="flag at this false discovery rate (the runs' calibration), not the validation threshold")
+    args = parser.parse_args(argv)
     quiet_lightning_messages()
     min_ml = tuple(args.min_ml)
-    runs = [evaluate_run(record, min_ml) for record in run_records(args.sweep, model=args.model)]
-    report = {"sweep": args.sweep.name, "model": args.model, "min_ml": min_ml, "runs": runs}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    for dataset in dict.fromkeys(run["dataset"] for run in runs):
-        print(table(runs, dataset, min_ml), end="\n\n")
-    print(f"wrote {args.output}")
-    return report
+    runs = [evaluate_run(record, min_ml, args.fdr) for record in run_records(args.sweep, model=args.model)]
+    report = {"sweep": args.sweep.name, "model": args.model, "min_ml": min_ml, "fdr": args.fdr, "runs": runs}
+    return write_report(report, args.output, [table(runs, dataset, min_ml) for dataset in dict.fromkeys(run["dataset"] for run in runs)])
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Prints a table per dataset and writes the JSON (every run's figures).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from collections import defaultdict
@@ -138,23 +137,14 @@ def table(runs: list[dict], dataset: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sweep", type=Path, help="a sweep's output folder (its runs/ hold the checkpoints)")
-    parser.add_argument("--model", default="SimpleSliceNet", help="the runs' model label")
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/scan_scores.json"))
-    args = parser.parse_args(argv)
-    from simpleslicenet.benchmark.single_run import run_records
+    from simpleslicenet.benchmark.single_run import retest_parser, run_records, write_report
     from simpleslicenet.quiet import quiet_lightning_messages
 
+    args = retest_parser(__doc__.splitlines()[0], "scan_scores").parse_args(argv)
     quiet_lightning_messages()
     runs = [evaluate_run(record) for record in run_records(args.sweep, model=args.model)]
     report = {"sweep": args.sweep.name, "model": args.model, "quantiles": QUANTILES, "min_cluster_ml": MIN_CLUSTER_ML, "runs": runs}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    for dataset in dict.fromkeys(run["dataset"] for run in runs):
-        print(table(runs, dataset), end="\n\n")
-    print(f"wrote {args.output}")
-    return report
+    return write_report(report, args.output, [table(runs, dataset) for dataset in dict.fromkeys(run["dataset"] for run in runs)])
 
 
 if __name__ == "__main__":

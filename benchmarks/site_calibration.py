@@ -152,18 +152,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--draws", type=int, default=50, help="random calibration draws for each size")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/site_calibration.json"))
     args = parser.parse_args(argv)
-    from simpleslicenet.benchmark.single_run import run_records
+    from simpleslicenet.benchmark.single_run import run_records, write_report
     from simpleslicenet.quiet import quiet_lightning_messages
 
     quiet_lightning_messages()
     sizes = tuple(args.sizes)
     runs = [evaluate_run(record, sizes, args.draws) for record in run_records(args.sweep, dataset=args.dataset)]
     report = {"sweep": args.sweep.name, "dataset": args.dataset, "rates": RATES, "sizes": sizes, "draws": args.draws, "runs": runs}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(table(runs, sizes, args.draws))
-    print(f"wrote {args.output}")
-    return report
+    return write_report(report, args.output, [table(runs, sizes, args.draws)])
 
 
 if __name__ == "__main__":

@@ -97,6 +97,17 @@ def test_sweep_writes_report_and_resumes(phantom_root: Path, tmp_path: Path, mon
     half, one = counted["found"]["0.5"]["all"], counted["found"]["1.0"]["all"]
     assert one[0] / one[1] == pytest.approx(ssn["metrics"]["lesion_detection"]) and half[1] >= one[1] > 0
     assert sum(counted["found"]["1.0"][family][1] for family in lesions_found.FAMILIES) == one[1]
+    # And at a false discovery rate with the run's calibration, reproducing the recorded label-free counts.
+    [at_fdr] = lesions_found.main([str(tmp_path / "out"), "--fdr", "0.05", "--output", str(tmp_path / "fdr.json")])["runs"]
+    assert at_fdr["false_clusters_per_healthy_scan"] == pytest.approx(ssn["calibrated"]["fdr05_FPclusters"])
+    one = at_fdr["found"]["1.0"]["all"]
+    assert one[0] / one[1] == pytest.approx(ssn["calibrated"]["fdr05_lesion_detection"])
+    # benchmarks/map_units.py scores the run's maps in three units; its "nats" maps reproduce the run's (or it refuses).
+    [units] = load_benchmark("map_units").main([str(tmp_path / "out"), "--output", str(tmp_path / "map_units.json")])["runs"]
+    assert units["scans"]["calibration"] == 2 and units["scans"]["test"] == ssn["n_test_volumes"]
+    assert units["units"]["nats"]["volume_auroc"] == pytest.approx(ssn["metrics"]["volume_AUROC"])
+    for figures in units["units"].values():
+        assert 0 <= figures["dice_at_val_threshold"] <= figures["max_dice"] <= 1
 
     # A second call finds both results and redoes nothing.
     logs = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").glob("*.log")}

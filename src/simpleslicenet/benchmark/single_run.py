@@ -8,6 +8,7 @@ makes the process's peak resident memory the run's peak RAM.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import resource
@@ -31,7 +32,7 @@ from simpleslicenet.metrics.calibrated import CalibratedEvaluation, calibrate_mo
 from simpleslicenet.models.registry import get_model_class
 from simpleslicenet.training.selection import ValidationSliceAUROCCheckpoint
 
-__all__ = ["load_datamodule", "retest_run", "run_records", "run_single"]
+__all__ = ["load_datamodule", "retest_parser", "retest_run", "run_records", "run_single", "write_report"]
 
 
 def load_datamodule(class_path: str, init_args: dict):  # noqa: ANN201
@@ -134,11 +135,13 @@ def run_records(sweep: str | Path, model: str = "*", dataset: str = "*") -> list
     return sorted(path for path in found if not path.name.endswith(".spec.json"))
 
 
-def retest_run(record: str | Path, callbacks: list, validate: bool = False) -> Engine:
+def retest_run(record: str | Path, callbacks: list, validate: bool = False, calibration: bool = False) -> Engine:
     """Test a finished run's checkpoint again on its own dataset and seed, with ``callbacks`` attached.
 
     ``record`` is the run's result file (``runs/<run id>.json``); ``validate`` first runs the validation
-    split through the callbacks too. Returns the engine, whose trainer still holds the datamodule.
+    split through the callbacks too, and ``calibration`` then predicts the calibration split (the healthy
+    volumes held out of training; the callbacks see them in ``on_predict_batch_end``). Returns the
+    engine, whose trainer still holds the datamodule.
     """
     record = Path(record)
     spec = json.loads(record.read_text())
@@ -150,8 +153,31 @@ def retest_run(record: str | Path, callbacks: list, validate: bool = False) -> E
         engine = Engine(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, callbacks=callbacks, default_root_dir=scratch)
         if validate:
             engine.validate(model, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
+        if calibration:
+            datamodule.setup()  # idempotent; the split exists once the datamodule is set up
+            engine.predict(model, dataloaders=datamodule.calibration_dataloader(), ckpt_path=checkpoint, return_predictions=False)
         engine.test(model, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
     return engine
+
+
+def retest_parser(description: str, name: str, sweep_help: str = "a sweep's output folder (its runs/ hold the checkpoints)") -> argparse.ArgumentParser:
+    """Arguments every re-testing script takes: the sweep, ``--model`` and ``--output`` (``benchmarks/results/<name>.json``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("sweep", type=Path, help=sweep_help)
+    parser.add_argument("--model", default="SimpleSliceNet", help="the runs' model label")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results") / f"{name}.json")
+    return parser
+
+
+def write_report(report: dict, output: str | Path, tables: list[str]) -> dict:
+    """Write a re-testing script's ``report`` as JSON to ``output`` (whole or not at all), print its ``tables``."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output, json.dumps(report, indent=2) + "\n")
+    for text in tables:
+        print(text, end="\n\n")
+    print(f"wrote {output}")
+    return report
 
 
 def main(argv: list[str] | None = None) -> None:

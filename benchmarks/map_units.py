@@ -1,0 +1,225 @@
+"""Maps in a unit that transfers: the same maps in three units, each with its own validation threshold.
+
+A Dice threshold chosen on the validation scans gives a lower test Dice than the best test threshold
+when the map's unit (nats above the scan's median brain voxel) means different things on different scans. This script takes
+a finished sweep's runs whose datamodule holds calibration scans (healthy, held out of training; e.g.
+``configs/benchmark/protocol_calibrated.yaml``), tests each checkpoint again on its validation,
+calibration and test scans, and scores the same maps in three units:
+
+* ``nats``: the model's map as it is;
+* ``scan z``: per scan, less the median of its brain voxels, over their robust spread (1.4826 × MAD);
+* ``location z``: per location, less the calibration scans' mean there, over their standard deviation
+  there (floored at the median of those deviations over the brain, so that a location where the
+  calibration scans happen to agree does not blow up).
+
+For each unit, the Dice threshold is chosen on the run's validation scans (exact, pooled over their
+brain voxels) and applied to its test scans: Dice there against the best test Dice, voxel AUPRC, volume
+AUROC (the hottest brain voxel, overall and by lesion family) and lesions of at least 1 ml found with
+the false clusters per healthy scan (:func:`simpleslicenet.clusters.count_lesions`). The ``nats`` maps
+must reproduce the run's recorded volume AUROC, or the run is refused.
+
+    python benchmarks/map_units.py benchmarks/results/protocol_calibrated --output docs/experiments/map_units.json
+
+Prints a table per dataset (mean ± std over the seeds) and writes the JSON (every run's figures).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from lightning.pytorch import Callback
+
+UNITS = ("nats", "scan z", "location z")
+FAMILIES = ("tumour", "small", "multifocal", "hypointense")
+MIN_LESION_ML = 1.0
+
+
+class Maps(Callback):
+    """Every validation, calibration and test scan's map, brain and lesion (``[D, H, W]`` arrays)."""
+
+    def __init__(self) -> None:
+        self.scans: dict[str, list[dict]] = defaultdict(list)
+
+    def _keep(self, split: str, outputs) -> None:  # noqa: ANN001
+        from simpleslicenet.metrics.calibrated import volume_maps
+
+        for amap, brain, _score, part in volume_maps([outputs]):
+            scan = {"map": amap, "brain": brain}
+            if split != "calibration":  # healthy and unlabelled: only the map and the brain are used
+                lesion = part.gt_mask.detach().cpu().numpy().astype(bool).reshape(brain.shape) & brain
+                scan |= {
+                    "index": int(part.volume_index[0]), "label": int(part.volume_label[0]), "lesion": lesion,
+                    "voxel_ml": part.geometry[0].voxel_ml,
+                }
+            self.scans[split].append(scan)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001, D102
+        self._keep("validation", outputs)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001, D102
+        self._keep("calibration", outputs)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001, D102
+        self._keep("test", outputs)
+
+
+class LocationNorm:
+    """Mean and standard deviation of the calibration scans' maps at each location."""
+
+    def __init__(self, scans: list[dict]) -> None:
+        maps = np.stack([s["map"] for s in scans]).astype(np.float64)
+        inside = np.stack([s["brain"] for s in scans])
+        count = inside.sum(0)
+        covered = count >= max(2, len(scans) // 2)  # a location most calibration scans hold in their brain
+        self.mean = np.where(covered, np.where(inside, maps, 0).sum(0) / np.maximum(count, 1), np.median(maps[inside]))
+        spread = np.sqrt(np.where(inside, (maps - self.mean) ** 2, 0).sum(0) / np.maximum(count - 1, 1))
+        floor = float(np.median(spread[covered]))
+        self.std = np.where(covered, np.maximum(spread, floor), floor)
+
+    def __call__(self, amap: np.ndarray) -> np.ndarray:
+        return ((amap - self.mean) / self.std).astype(np.float32)
+
+
+def in_unit(unit: str, scan: dict, location: LocationNorm) -> np.ndarray:
+    """One scan's map in ``unit``."""
+    amap = scan["map"]
+    if unit == "nats":
+        return amap
+    if unit == "scan z":
+        inside = amap[scan["brain"]]
+        centre = np.median(inside)
+        return ((amap - centre) / (1.4826 * np.median(np.abs(inside - centre)))).astype(np.float32)
+    return location(amap)
+
+
+def ranked(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scores from the highest, true positives and flagged voxels at each distinct threshold."""
+    order = np.argsort(-scores, kind="stable")
+    scores, labels = scores[order], labels[order]
+    last = np.r_[scores[1:] != scores[:-1], True]  # the end of each group of tied scores
+    return scores[last], np.cumsum(labels)[last], np.flatnonzero(last) + 1
+
+
+def best_dice(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """``(max Dice, its threshold)`` over every threshold (flag ``score >= threshold``), pooled voxels."""
+    values, tp, flagged = ranked(scores, labels)
+    dice = 2 * tp / (flagged + labels.sum())
+    best = int(np.argmax(dice))
+    return float(dice[best]), float(values[best])
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the precision-recall curve as a step function (sklearn's average precision)."""
+    _, tp, flagged = ranked(scores, labels)
+    recall = tp / labels.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * tp / flagged))
+
+
+def auroc(positive: list[float], negative: list[float]) -> float:
+    """Probability that a positive outscores a negative (ties count half)."""
+    pos, neg = np.asarray(positive)[:, None], np.asarray(negative)[None, :]
+    return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size))
+
+
+def evaluate_unit(unit: str, maps: Maps, location: LocationNorm, family: dict[int, str]) -> dict:
+    """The unit's validation threshold and test figures."""
+    from simpleslicenet.clusters import count_lesions
+
+    def pooled(split: str) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        converted = [in_unit(unit, s, location) for s in maps.scans[split]]
+        scores = np.concatenate([m[s["brain"]] for m, s in zip(converted, maps.scans[split], strict=True)])
+        labels = np.concatenate([s["lesion"][s["brain"]] for s in maps.scans[split]])
+        return converted, scores, labels
+
+    _, val_scores, val_labels = pooled("validation")
+    _, threshold = best_dice(val_scores, val_labels)
+    converted, scores, labels = pooled("test")
+    flagged = scores >= threshold
+    tp = int((flagged & labels).sum())
+    result = {
+        "threshold": threshold,
+        "dice_at_val_threshold": 2 * tp / (int(flagged.sum()) + int(labels.sum())),
+        "max_dice": best_dice(scores, labels)[0],
+        "voxel_auprc": average_precision(scores, labels),
+    }
+    volume = defaultdict(list)
+    lesions = found = false_clusters = healthy = 0
+    for amap, scan in zip(converted, maps.scans["test"], strict=True):
+        group = family.get(scan["index"], "lesion") if scan["label"] else "healthy"
+        volume[group].append(float(amap[scan["brain"]].max()))
+        n, hit, false = count_lesions((amap >= threshold) & scan["brain"], scan["lesion"], scan["voxel_ml"], MIN_LESION_ML)
+        lesions, found = lesions + n, found + hit
+        if group == "healthy":
+            false_clusters, healthy = false_clusters + false, healthy + 1
+    every_lesion = [v for group, values in volume.items() if group != "healthy" for v in values]
+    result["volume_auroc"] = auroc(every_lesion, volume["healthy"])
+    result |= {f"volume_auroc_{f}": auroc(volume[f], volume["healthy"]) for f in FAMILIES if volume[f]}
+    result["lesions_found"] = found / lesions if lesions else float("nan")
+    result["false_clusters_per_healthy_scan"] = false_clusters / healthy
+    return result
+
+
+def evaluate_run(record: Path) -> dict:
+    """Test one run's checkpoint again; every unit's figures."""
+    from simpleslicenet.benchmark.single_run import retest_run
+    from simpleslicenet.metrics.breakdown import lesion_families
+
+    spec = json.loads(record.read_text())
+    maps = Maps()
+    engine = retest_run(record, [maps], validate=True, calibration=True)
+    if not maps.scans["calibration"]:
+        msg = f"{record}: the run's datamodule holds no calibration scans (calibration_fraction)"
+        raise ValueError(msg)
+    family = lesion_families(engine.trainer)
+    location = LocationNorm(maps.scans["calibration"])
+    units = {unit: evaluate_unit(unit, maps, location, family) for unit in UNITS}
+    recorded = spec["metrics"]["volume_AUROC"]
+    if abs(units["nats"]["volume_auroc"] - recorded) > 1e-9:
+        msg = f"{record}: the maps' volume AUROC {units['nats']['volume_auroc']} does not reproduce the recorded {recorded}"
+        raise RuntimeError(msg)
+    counts = {split: len(scans) for split, scans in maps.scans.items()}
+    return {"run": record.stem, "dataset": spec["dataset"], "seed": spec["seed"], "scans": counts, "recorded": spec["metrics"], "units": units}
+
+
+COLUMNS = (
+    ("dice_at_val_threshold", "Dice @ val thr."), ("max_dice", "max Dice"), ("gap", "max − val"),
+    ("voxel_auprc", "voxel AUPRC"), ("volume_auroc", "volume AUROC"),
+    *((f"volume_auroc_{f}", f) for f in FAMILIES),
+    ("lesions_found", "lesions ≥ 1 ml found"), ("false_clusters_per_healthy_scan", "false clusters / healthy scan"),
+)
+
+
+def table(runs: list[dict], dataset: str) -> str:
+    """Markdown: one row per unit, mean ± std over the seeds."""
+    chosen = [run for run in runs if run["dataset"] == dataset]
+    lines = [f"| unit ({dataset}) | " + " | ".join(name for _, name in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for unit in UNITS:
+        cells = []
+        for key, _ in COLUMNS:
+            values = [
+                r["units"][unit]["max_dice"] - r["units"][unit]["dice_at_val_threshold"] if key == "gap" else r["units"][unit].get(key)
+                for r in chosen
+            ]
+            values = [v for v in values if v is not None and v == v]
+            cells.append(f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}" if values else "–")
+        lines.append(f"| {unit} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from simpleslicenet.benchmark.single_run import retest_parser, run_records, write_report
+    from simpleslicenet.quiet import quiet_lightning_messages
+
+    args = retest_parser(__doc__.splitlines()[0], "map_units", "a sweep's output folder whose runs hold calibration scans").parse_args(argv)
+    quiet_lightning_messages()
+    runs = [evaluate_run(record) for record in run_records(args.sweep, model=args.model)]
+    report = {"sweep": args.sweep.name, "model": args.model, "units": UNITS, "runs": runs}
+    return write_report(report, args.output, [table(runs, dataset) for dataset in dict.fromkeys(run["dataset"] for run in runs)])
+
+
+if __name__ == "__main__":
+    main()
