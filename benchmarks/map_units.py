@@ -18,6 +18,10 @@ AUROC (the hottest brain voxel, overall and by lesion family) and lesions of at 
 the false clusters per healthy scan (:func:`simpleslicenet.clusters.count_lesions`). The ``nats`` maps
 must reproduce the run's recorded volume AUROC, or the run is refused.
 
+How many labelled validation scans does a threshold need? For the map as it is, the threshold is also
+chosen on ``k`` of the run's validation scans drawn at random (``--draws`` draws for each ``k`` of
+``--val-sizes``, each draw holding a lesion scan), and the test Dice at it is compared with the best one.
+
     python benchmarks/map_units.py benchmarks/results/protocol_calibrated --output docs/experiments/map_units.json
 
 Prints a table per dataset (mean ± std over the seeds) and writes the JSON (every run's figures).
@@ -36,6 +40,7 @@ from lightning.pytorch import Callback
 UNITS = ("nats", "scan z", "location z")
 FAMILIES = ("tumour", "small", "multifocal", "hypointense")
 MIN_LESION_ML = 1.0
+VAL_SIZES = (4, 9, 18)
 
 
 class Maps(Callback):
@@ -163,8 +168,38 @@ def evaluate_unit(unit: str, maps: Maps, location: LocationNorm, family: dict[in
     return result
 
 
-def evaluate_run(record: Path) -> dict:
-    """Test one run's checkpoint again; every unit's figures."""
+def dice_from_fewer_scans(maps: Maps, sizes: tuple[int, ...], draws: int, rng: np.random.Generator) -> dict[str, list[float]]:
+    """Test Dice below the best one (the map as it is) with thresholds from ``k`` validation scans, per draw."""
+    scans = maps.scans["test"]
+    scores = np.concatenate([s["map"][s["brain"]] for s in scans])
+    labels = np.concatenate([s["lesion"][s["brain"]] for s in scans])
+    best = best_dice(scores, labels)[0]
+    ranked_all, ranked_lesion = np.sort(scores), np.sort(scores[labels])
+
+    def dice_at(threshold: float) -> float:  # voxels at or above the threshold, from the sorted scores
+        flagged = scores.size - np.searchsorted(ranked_all, threshold, side="left")
+        hits = ranked_lesion.size - np.searchsorted(ranked_lesion, threshold, side="left")
+        return 2 * hits / (flagged + labels.sum())
+
+    validation = maps.scans["validation"]
+    with_lesion = [i for i, s in enumerate(validation) if s["lesion"].any()]
+    gaps: dict[str, list[float]] = {}
+    for k in (k for k in sizes if k <= len(validation) and with_lesion):
+        gaps[str(k)] = []
+        for _ in range(draws if k < len(validation) else 1):
+            chosen = rng.choice(len(validation), size=k, replace=False)
+            while not set(chosen.tolist()) & set(with_lesion):
+                chosen = rng.choice(len(validation), size=k, replace=False)
+            part = [validation[i] for i in chosen]
+            _, threshold = best_dice(
+                np.concatenate([s["map"][s["brain"]] for s in part]), np.concatenate([s["lesion"][s["brain"]] for s in part])
+            )
+            gaps[str(k)].append(best - dice_at(threshold))
+    return gaps
+
+
+def evaluate_run(record: Path, sizes: tuple[int, ...] = VAL_SIZES, draws: int = 20) -> dict:
+    """Test one run's checkpoint again; every unit's figures, and the Dice gap from fewer validation scans."""
     from simpleslicenet.benchmark.single_run import retest_run
     from simpleslicenet.metrics.breakdown import lesion_families
 
@@ -182,7 +217,11 @@ def evaluate_run(record: Path) -> dict:
         msg = f"{record}: the maps' volume AUROC {units['nats']['volume_auroc']} does not reproduce the recorded {recorded}"
         raise RuntimeError(msg)
     counts = {split: len(scans) for split, scans in maps.scans.items()}
-    return {"run": record.stem, "dataset": spec["dataset"], "seed": spec["seed"], "scans": counts, "recorded": spec["metrics"], "units": units}
+    fewer = dice_from_fewer_scans(maps, sizes, draws, np.random.default_rng(spec["seed"]))
+    return {
+        "run": record.stem, "dataset": spec["dataset"], "seed": spec["seed"], "scans": counts, "recorded": spec["metrics"],
+        "units": units, "dice_gap_from_k_validation_scans": fewer,
+    }
 
 
 COLUMNS = (
@@ -210,15 +249,32 @@ def table(runs: list[dict], dataset: str) -> str:
     return "\n".join(lines)
 
 
+def gap_table(runs: list[dict], dataset: str) -> str:
+    """Markdown: the map's Dice gap with thresholds from ``k`` validation scans, pooled over seeds and draws."""
+    chosen = [run for run in runs if run["dataset"] == dataset]
+    sizes = list(dict.fromkeys(k for run in chosen for k in run["dice_gap_from_k_validation_scans"]))
+    lines = [f"| validation scans ({dataset}) | max Dice − Dice @ val thr. (mean ± std over seeds and draws) | draws above 0.08 |", "|---|---|---|"]
+    for k in sizes:
+        gaps = [g for run in chosen for g in run["dice_gap_from_k_validation_scans"].get(k, [])]
+        spread = statistics.stdev(gaps) if len(gaps) > 1 else 0.0
+        lines.append(f"| {k} | {statistics.mean(gaps):.3f} ± {spread:.3f} | {sum(g > 0.08 for g in gaps)} of {len(gaps)} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     from simpleslicenet.benchmark.single_run import retest_parser, run_records, write_report
     from simpleslicenet.quiet import quiet_lightning_messages
 
-    args = retest_parser(__doc__.splitlines()[0], "map_units", "a sweep's output folder whose runs hold calibration scans").parse_args(argv)
+    parser = retest_parser(__doc__.splitlines()[0], "map_units", "a sweep's output folder whose runs hold calibration scans")
+    parser.add_argument("--val-sizes", type=int, nargs="+", default=list(VAL_SIZES), help="validation scans a threshold is chosen on")
+    parser.add_argument("--draws", type=int, default=20, help="random draws of validation scans for each size")
+    args = parser.parse_args(argv)
     quiet_lightning_messages()
-    runs = [evaluate_run(record) for record in run_records(args.sweep, model=args.model)]
-    report = {"sweep": args.sweep.name, "model": args.model, "units": UNITS, "runs": runs}
-    return write_report(report, args.output, [table(runs, dataset) for dataset in dict.fromkeys(run["dataset"] for run in runs)])
+    sizes = tuple(args.val_sizes)
+    runs = [evaluate_run(record, sizes, args.draws) for record in run_records(args.sweep, model=args.model)]
+    report = {"sweep": args.sweep.name, "model": args.model, "units": UNITS, "val_sizes": sizes, "draws": args.draws, "runs": runs}
+    datasets = list(dict.fromkeys(run["dataset"] for run in runs))
+    return write_report(report, args.output, [table(runs, d) for d in datasets] + [gap_table(runs, d) for d in datasets])
 
 
 if __name__ == "__main__":

@@ -103,11 +103,15 @@ def test_sweep_writes_report_and_resumes(phantom_root: Path, tmp_path: Path, mon
     one = at_fdr["found"]["1.0"]["all"]
     assert one[0] / one[1] == pytest.approx(ssn["calibrated"]["fdr05_lesion_detection"])
     # benchmarks/map_units.py scores the run's maps in three units; its "nats" maps reproduce the run's (or it refuses).
-    [units] = load_benchmark("map_units").main([str(tmp_path / "out"), "--output", str(tmp_path / "map_units.json")])["runs"]
+    arguments = [str(tmp_path / "out"), "--val-sizes", "1", "--draws", "3", "--output", str(tmp_path / "map_units.json")]
+    [units] = load_benchmark("map_units").main(arguments)["runs"]
     assert units["scans"]["calibration"] == 2 and units["scans"]["test"] == ssn["n_test_volumes"]
     assert units["units"]["nats"]["volume_auroc"] == pytest.approx(ssn["metrics"]["volume_AUROC"])
     for figures in units["units"].values():
         assert 0 <= figures["dice_at_val_threshold"] <= figures["max_dice"] <= 1
+    # Thresholds from fewer validation scans (here one lesion scan a draw) never beat the best test threshold.
+    [gaps] = units["dice_gap_from_k_validation_scans"].values()
+    assert gaps and all(gap >= -1e-12 for gap in gaps)
 
     # A second call finds both results and redoes nothing.
     logs = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").glob("*.log")}
