@@ -35,7 +35,16 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import torch
 from lightning.pytorch import Callback
+
+from simpleslicenet.metrics.exact import (
+    dice_at_threshold,
+    exact_auroc,
+    exact_average_precision,
+    exact_max_dice,
+    exact_threshold_for_max_dice,
+)
 
 UNITS = ("nats", "scan z", "location z")
 FAMILIES = ("tumour", "small", "multifocal", "hypointense")
@@ -101,55 +110,31 @@ def in_unit(unit: str, scan: dict, location: LocationNorm) -> np.ndarray:
     return location(amap)
 
 
-def ranked(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Scores from the highest, true positives and flagged voxels at each distinct threshold."""
-    order = np.argsort(-scores, kind="stable")
-    scores, labels = scores[order], labels[order]
-    last = np.r_[scores[1:] != scores[:-1], True]  # the end of each group of tied scores
-    return scores[last], np.cumsum(labels)[last], np.flatnonzero(last) + 1
+def pooled(scans: list[dict], maps: list[np.ndarray] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brain-voxel scores (of ``maps``, else the scans' own) and lesion labels of ``scans``, pooled."""
+    maps = [s["map"] for s in scans] if maps is None else maps
+    scores = np.concatenate([m[s["brain"]] for m, s in zip(maps, scans, strict=True)])
+    return torch.from_numpy(scores), torch.from_numpy(np.concatenate([s["lesion"][s["brain"]] for s in scans]))
 
 
-def best_dice(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """``(max Dice, its threshold)`` over every threshold (flag ``score >= threshold``), pooled voxels."""
-    values, tp, flagged = ranked(scores, labels)
-    dice = 2 * tp / (flagged + labels.sum())
-    best = int(np.argmax(dice))
-    return float(dice[best]), float(values[best])
-
-
-def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the precision-recall curve as a step function (sklearn's average precision)."""
-    _, tp, flagged = ranked(scores, labels)
-    recall = tp / labels.sum()
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * tp / flagged))
-
-
-def auroc(positive: list[float], negative: list[float]) -> float:
-    """Probability that a positive outscores a negative (ties count half)."""
-    pos, neg = np.asarray(positive)[:, None], np.asarray(negative)[None, :]
-    return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size))
+def volume_auroc(lesion: list[float], healthy: list[float]) -> float:
+    """AUROC of lesion scans' scores against healthy scans'."""
+    return exact_auroc(torch.tensor(lesion + healthy), torch.tensor([True] * len(lesion) + [False] * len(healthy)))
 
 
 def evaluate_unit(unit: str, maps: Maps, location: LocationNorm, family: dict[int, str]) -> dict:
     """The unit's validation threshold and test figures."""
     from simpleslicenet.clusters import count_lesions
 
-    def pooled(split: str) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-        converted = [in_unit(unit, s, location) for s in maps.scans[split]]
-        scores = np.concatenate([m[s["brain"]] for m, s in zip(converted, maps.scans[split], strict=True)])
-        labels = np.concatenate([s["lesion"][s["brain"]] for s in maps.scans[split]])
-        return converted, scores, labels
-
-    _, val_scores, val_labels = pooled("validation")
-    _, threshold = best_dice(val_scores, val_labels)
-    converted, scores, labels = pooled("test")
-    flagged = scores >= threshold
-    tp = int((flagged & labels).sum())
+    validation = maps.scans["validation"]
+    threshold = exact_threshold_for_max_dice(*pooled(validation, [in_unit(unit, s, location) for s in validation]))
+    converted = [in_unit(unit, s, location) for s in maps.scans["test"]]
+    scores, labels = pooled(maps.scans["test"], converted)
     result = {
         "threshold": threshold,
-        "dice_at_val_threshold": 2 * tp / (int(flagged.sum()) + int(labels.sum())),
-        "max_dice": best_dice(scores, labels)[0],
-        "voxel_auprc": average_precision(scores, labels),
+        "dice_at_val_threshold": dice_at_threshold(scores, labels, threshold),
+        "max_dice": exact_max_dice(scores, labels),
+        "voxel_auprc": exact_average_precision(scores, labels),
     }
     volume = defaultdict(list)
     lesions = found = false_clusters = healthy = 0
@@ -161,8 +146,8 @@ def evaluate_unit(unit: str, maps: Maps, location: LocationNorm, family: dict[in
         if group == "healthy":
             false_clusters, healthy = false_clusters + false, healthy + 1
     every_lesion = [v for group, values in volume.items() if group != "healthy" for v in values]
-    result["volume_auroc"] = auroc(every_lesion, volume["healthy"])
-    result |= {f"volume_auroc_{f}": auroc(volume[f], volume["healthy"]) for f in FAMILIES if volume[f]}
+    result["volume_auroc"] = volume_auroc(every_lesion, volume["healthy"])
+    result |= {f"volume_auroc_{f}": volume_auroc(volume[f], volume["healthy"]) for f in FAMILIES if volume[f]}
     result["lesions_found"] = found / lesions if lesions else float("nan")
     result["false_clusters_per_healthy_scan"] = false_clusters / healthy
     return result
@@ -170,17 +155,8 @@ def evaluate_unit(unit: str, maps: Maps, location: LocationNorm, family: dict[in
 
 def dice_from_fewer_scans(maps: Maps, sizes: tuple[int, ...], draws: int, rng: np.random.Generator) -> dict[str, list[float]]:
     """Test Dice below the best one (the map as it is) with thresholds from ``k`` validation scans, per draw."""
-    scans = maps.scans["test"]
-    scores = np.concatenate([s["map"][s["brain"]] for s in scans])
-    labels = np.concatenate([s["lesion"][s["brain"]] for s in scans])
-    best = best_dice(scores, labels)[0]
-    ranked_all, ranked_lesion = np.sort(scores), np.sort(scores[labels])
-
-    def dice_at(threshold: float) -> float:  # voxels at or above the threshold, from the sorted scores
-        flagged = scores.size - np.searchsorted(ranked_all, threshold, side="left")
-        hits = ranked_lesion.size - np.searchsorted(ranked_lesion, threshold, side="left")
-        return 2 * hits / (flagged + labels.sum())
-
+    scores, labels = pooled(maps.scans["test"])
+    best = exact_max_dice(scores, labels)
     validation = maps.scans["validation"]
     with_lesion = [i for i, s in enumerate(validation) if s["lesion"].any()]
     gaps: dict[str, list[float]] = {}
@@ -190,11 +166,8 @@ def dice_from_fewer_scans(maps: Maps, sizes: tuple[int, ...], draws: int, rng: n
             chosen = rng.choice(len(validation), size=k, replace=False)
             while not set(chosen.tolist()) & set(with_lesion):
                 chosen = rng.choice(len(validation), size=k, replace=False)
-            part = [validation[i] for i in chosen]
-            _, threshold = best_dice(
-                np.concatenate([s["map"][s["brain"]] for s in part]), np.concatenate([s["lesion"][s["brain"]] for s in part])
-            )
-            gaps[str(k)].append(best - dice_at(threshold))
+            threshold = exact_threshold_for_max_dice(*pooled([validation[i] for i in chosen]))
+            gaps[str(k)].append(best - dice_at_threshold(scores, labels, threshold))
     return gaps
 
 

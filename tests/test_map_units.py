@@ -1,40 +1,11 @@
-"""The exact pooled metrics and the units of ``benchmarks/map_units.py``."""
+"""The map units of ``benchmarks/map_units.py``."""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from conftest import load_benchmark
 
 map_units = load_benchmark("map_units")
-
-
-@pytest.fixture(scope="module")
-def voxels() -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(3)
-    labels = rng.random(5000) < 0.1
-    # Rounded scores: many ties, which both metrics must treat as one threshold.
-    scores = np.round(rng.normal(size=5000) + 1.5 * labels, 1).astype(np.float32)
-    return scores, labels
-
-
-def test_average_precision_is_sklearns(voxels: tuple[np.ndarray, np.ndarray]) -> None:
-    from sklearn.metrics import average_precision_score
-
-    scores, labels = voxels
-    assert map_units.average_precision(scores, labels) == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
-
-
-def test_best_dice_is_the_best_of_every_threshold(voxels: tuple[np.ndarray, np.ndarray]) -> None:
-    scores, labels = voxels
-    dice, threshold = map_units.best_dice(scores, labels)
-
-    def dice_at(t: float) -> float:
-        flagged = scores >= t
-        return 2 * (flagged & labels).sum() / (flagged.sum() + labels.sum())
-
-    assert dice == pytest.approx(max(dice_at(t) for t in np.unique(scores)))
-    assert dice_at(threshold) == pytest.approx(dice)
 
 
 def test_scan_z_removes_a_scans_offset_and_scale() -> None:
