@@ -10,33 +10,32 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def _python(code: str) -> str:
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return completed.stdout
-
-
-def test_importing_anomalib_loads_nothing_of_ours() -> None:
-    out = _python(
+@pytest.fixture(scope="module")
+def fresh_process() -> list[str]:
+    """One new interpreter: what importing anomalib loads, then what ``register()`` makes known (printed lines)."""
+    code = (
         "import sys, anomalib.models, anomalib.data\n"
         "print(hasattr(anomalib.models, 'SimpleSliceNet'), hasattr(anomalib.data, 'BrainPhantom'))\n"
         "print(sorted(m for m in sys.modules if m.startswith('simpleslicenet.') and m != 'simpleslicenet._anomalib_hook'))\n"
-    )
-    # The start-up hook imports nothing of the package beyond itself, the version string and its
-    # standard-library warning filters (no model, no allocator change).
-    assert out.splitlines()[0] == "False False"
-    assert out.splitlines()[1] == "['simpleslicenet._version', 'simpleslicenet.quiet']"
-
-
-def test_register_makes_short_names_known_to_anomalib() -> None:
-    out = _python(
         "import simpleslicenet; simpleslicenet.register()\n"
         "from anomalib.models import get_model; from anomalib.data import get_datamodule\n"
-        "import anomalib.models, anomalib.data\n"
         "print(type(get_model('SimpleSliceNet')).__name__, anomalib.models.PatchcoreSlices.__name__)\n"
         "print(type(get_datamodule({'class_path': 'BrainPhantom', 'init_args': {'root': '.'}})).__name__)\n"
     )
-    assert out.split() == ["SimpleSliceNet", "PatchcoreSlices", "BrainPhantom"]
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed.stdout.splitlines()
+
+
+def test_importing_anomalib_loads_nothing_of_ours(fresh_process: list[str]) -> None:
+    # The start-up hook imports nothing of the package beyond itself, the version string and its
+    # standard-library warning filters (no model, no allocator change).
+    assert fresh_process[0] == "False False"
+    assert fresh_process[1] == "['simpleslicenet._version', 'simpleslicenet.quiet']"
+
+
+def test_register_makes_short_names_known_to_anomalib(fresh_process: list[str]) -> None:
+    assert " ".join(fresh_process[2:]).split() == ["SimpleSliceNet", "PatchcoreSlices", "BrainPhantom"]
 
 
 def test_cli_seed_true_draws_a_fresh_seed_and_an_integer_is_kept() -> None:
