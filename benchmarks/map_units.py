@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch import Callback
 
+from simpleslicenet.benchmark.scan_maps import ScanMaps, retest_with_calibration
 from simpleslicenet.metrics.exact import (
     dice_at_threshold,
     exact_auroc,
@@ -50,35 +50,6 @@ UNITS = ("nats", "scan z", "location z")
 FAMILIES = ("tumour", "small", "multifocal", "hypointense")
 MIN_LESION_ML = 1.0
 VAL_SIZES = (4, 9, 18)
-
-
-class Maps(Callback):
-    """Every validation, calibration and test scan's map, brain and lesion (``[D, H, W]`` arrays)."""
-
-    def __init__(self) -> None:
-        self.scans: dict[str, list[dict]] = defaultdict(list)
-
-    def _keep(self, split: str, outputs) -> None:  # noqa: ANN001
-        from simpleslicenet.metrics.calibrated import volume_maps
-
-        for amap, brain, _score, part in volume_maps([outputs]):
-            scan = {"map": amap, "brain": brain}
-            if split != "calibration":  # healthy and unlabelled: only the map and the brain are used
-                lesion = part.gt_mask.detach().cpu().numpy().astype(bool).reshape(brain.shape) & brain
-                scan |= {
-                    "index": int(part.volume_index[0]), "label": int(part.volume_label[0]), "lesion": lesion,
-                    "voxel_ml": part.geometry[0].voxel_ml,
-                }
-            self.scans[split].append(scan)
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001, D102
-        self._keep("validation", outputs)
-
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001, D102
-        self._keep("calibration", outputs)
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001, D102
-        self._keep("test", outputs)
 
 
 class LocationNorm:
@@ -122,7 +93,7 @@ def volume_auroc(lesion: list[float], healthy: list[float]) -> float:
     return exact_auroc(torch.tensor(lesion + healthy), torch.tensor([True] * len(lesion) + [False] * len(healthy)))
 
 
-def evaluate_unit(unit: str, maps: Maps, location: LocationNorm, family: dict[int, str]) -> dict:
+def evaluate_unit(unit: str, maps: ScanMaps, location: LocationNorm, family: dict[int, str]) -> dict:
     """The unit's validation threshold and test figures."""
     from simpleslicenet.clusters import count_lesions
 
@@ -153,7 +124,7 @@ def evaluate_unit(unit: str, maps: Maps, location: LocationNorm, family: dict[in
     return result
 
 
-def dice_from_fewer_scans(maps: Maps, sizes: tuple[int, ...], draws: int, rng: np.random.Generator) -> dict[str, list[float]]:
+def dice_from_fewer_scans(maps: ScanMaps, sizes: tuple[int, ...], draws: int, rng: np.random.Generator) -> dict[str, list[float]]:
     """Test Dice below the best one (the map as it is) with thresholds from ``k`` validation scans, per draw."""
     scores, labels = pooled(maps.scans["test"])
     best = exact_max_dice(scores, labels)
@@ -173,15 +144,10 @@ def dice_from_fewer_scans(maps: Maps, sizes: tuple[int, ...], draws: int, rng: n
 
 def evaluate_run(record: Path, sizes: tuple[int, ...] = VAL_SIZES, draws: int = 20) -> dict:
     """Test one run's checkpoint again; every unit's figures, and the Dice gap from fewer validation scans."""
-    from simpleslicenet.benchmark.single_run import retest_run
     from simpleslicenet.metrics.breakdown import lesion_families
 
     spec = json.loads(record.read_text())
-    maps = Maps()
-    engine = retest_run(record, [maps], validate=True, calibration=True)
-    if not maps.scans["calibration"]:
-        msg = f"{record}: the run's datamodule holds no calibration scans (calibration_fraction)"
-        raise ValueError(msg)
+    maps, engine = retest_with_calibration(record)
     family = lesion_families(engine.trainer)
     location = LocationNorm(maps.scans["calibration"])
     units = {unit: evaluate_unit(unit, maps, location, family) for unit in UNITS}

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch import Callback
 from scipy import ndimage
 
 QUANTILES = (0.99, 0.999)
@@ -57,45 +56,29 @@ def scan_scores(scores: np.ndarray, brain: np.ndarray, voxel_ml: float, threshol
     return result
 
 
-class ScanScores(Callback):
-    """Healthy validation voxels for the thresholds, then every test scan's scores."""
-
-    def __init__(self) -> None:
-        self.healthy: list[np.ndarray] = []
-        self.thresholds: dict[float, float] = {}
-        self.scans: list[dict] = []
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001, D102
-        for _, rows in outputs.volumes():
-            part = outputs.rows(rows)
-            if int(part.volume_label[0]) == 0:
-                self.healthy.append(part.anomaly_map.squeeze(1).numpy()[part.brain_mask.numpy()])
-
-    def on_test_start(self, trainer, pl_module) -> None:  # noqa: ANN001, D102
-        pooled = np.concatenate(self.healthy)
-        self.thresholds = {q: float(np.quantile(pooled, q)) for q in QUANTILES}
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001, D102
-        for index, rows in outputs.volumes():
-            part = outputs.rows(rows)
-            amap, brain, lesion = part.anomaly_map.squeeze(1).numpy(), part.brain_mask.numpy(), part.gt_mask.numpy().astype(bool)
-            scores = scan_scores(amap, brain, part.geometry[0].voxel_ml, self.thresholds)
-            # Whether the map holds the lesion at all: its hottest brain voxel lies on the lesion.
-            on_lesion = bool(lesion[brain].any()) and bool(amap[brain & lesion].max() >= amap[brain].max())
-            self.scans.append({"index": index, "label": int(part.volume_label[0]), "recorded": float(part.volume_score[0]), "on_lesion": on_lesion, **scores})
-
-
 def evaluate_run(record: Path) -> dict:
     """Test one run's checkpoint again and return each score's volume AUROC, overall and by family."""
+    from simpleslicenet.benchmark.scan_maps import ScanMaps
     from simpleslicenet.benchmark.single_run import retest_run
     from simpleslicenet.metrics.breakdown import lesion_families
     from simpleslicenet.metrics.exact import exact_auroc
 
     spec = json.loads(record.read_text())
-    collector = ScanScores()
+    collector = ScanMaps()
     engine = retest_run(record, [collector], validate=True)
     family = lesion_families(engine.trainer)
-    scans = [{**scan, "family": family.get(scan["index"], "healthy")} for scan in collector.scans]
+    # The cluster-forming thresholds: quantiles of the healthy validation scans' brain voxels, pooled.
+    healthy = np.concatenate([s["map"][s["brain"]] for s in collector.scans["validation"] if s["label"] == 0])
+    thresholds = {q: float(np.quantile(healthy, q)) for q in QUANTILES}
+    scans = []
+    for scan in collector.scans["test"]:
+        amap, brain, lesion = scan["map"], scan["brain"], scan["lesion"]
+        # Whether the map holds the lesion at all: its hottest brain voxel lies on the lesion.
+        on_lesion = bool(lesion.any()) and bool(amap[lesion].max() >= amap[brain].max())
+        scans.append({
+            "index": scan["index"], "label": scan["label"], "recorded": scan["volume_score"], "on_lesion": on_lesion,
+            **scan_scores(amap, brain, scan["voxel_ml"], thresholds), "family": family.get(scan["index"], "healthy"),
+        })  # fmt: skip
     if any(abs(scan["max"] - scan["recorded"]) > 1e-5 for scan in scans):
         msg = f"{record}: the hottest brain voxel is not the recorded volume score"
         raise RuntimeError(msg)
@@ -112,7 +95,7 @@ def evaluate_run(record: Path) -> dict:
         "run": record.stem,
         "dataset": spec["dataset"],
         "seed": spec["seed"],
-        "thresholds": collector.thresholds,
+        "thresholds": thresholds,
         "volume_auroc": auroc,
         "hottest_voxel_on_lesion": {f: [sum(flags), len(flags)] for f, flags in hottest_on_lesion.items()},
     }

@@ -26,31 +26,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from lightning.pytorch import Callback
 
 RATES = (0.05, 0.1)
 SIZES = (19, 29, 49)
 FAMILIES = ("tumour", "small", "multifocal", "hypointense")
-
-
-class TestScans(Callback):
-    """Every test scan's brain-voxel scores (highest first), volume score and hottest lesion voxel."""
-
-    def __init__(self) -> None:
-        self.scans: list[dict] = []
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001, D102
-        for index, rows in outputs.volumes():
-            part = outputs.rows(rows)
-            amap, brain = part.anomaly_map.squeeze(1).numpy(), part.brain_mask.numpy().astype(bool)
-            lesion = part.gt_mask.numpy().astype(bool) & brain
-            self.scans.append({
-                "index": index,
-                "scores": -np.sort(-amap[brain].astype(np.float64)),
-                "volume_score": float(part.volume_score[0]),
-                "lesion_max": float(amap[lesion].max()) if lesion.any() else None,
-                "map": amap, "brain": brain, "lesion": lesion,  # for the check against the package's masks, then dropped
-            })
 
 
 def flags(calibration, scan: dict, q: float) -> tuple[bool, bool]:  # noqa: ANN001
@@ -82,17 +61,21 @@ def count(calibration, scans: list[dict], q: float) -> dict[str, list[int]]:  # 
 
 def evaluate_run(record: Path, sizes: tuple[int, ...], draws: int) -> dict:
     """The run's counts with the training site's calibration and with ``k`` new-site scans, per ``q``."""
+    from simpleslicenet.benchmark.scan_maps import ScanMaps
     from simpleslicenet.benchmark.single_run import retest_run
     from simpleslicenet.calibration import ConformalCalibration
     from simpleslicenet.metrics.breakdown import lesion_families
 
     spec = json.loads(record.read_text())
-    collector = TestScans()
+    collector = ScanMaps()
     engine = retest_run(record, [collector])
     family = lesion_families(engine.trainer)
-    scans = collector.scans
+    scans = collector.scans["test"]
     for scan in scans:
         scan["family"] = family.get(scan["index"], "healthy")
+        # Brain-voxel scores highest first, and the hottest lesion voxel: all that `flags` reads.
+        scan["scores"] = -np.sort(-scan["map"][scan["brain"]].astype(np.float64))
+        scan["lesion_max"] = float(scan["map"][scan["lesion"]].max()) if scan["lesion"].any() else None
     training_site = ConformalCalibration.load(record.with_suffix("") / "calibration.json")
     # The shortcut in `flags` must make the package's masks: checked on every scan of the run.
     for scan in scans:
@@ -100,7 +83,7 @@ def evaluate_run(record: Path, sizes: tuple[int, ...], draws: int) -> dict:
         if flags(training_site, scan, RATES[0]) != (bool(mask.any()), bool(mask[scan["lesion"]].any())):
             msg = f"{record}: the sorted-score masks disagree with ConformalCalibration.fdr_mask"
             raise RuntimeError(msg)
-        del scan["map"], scan["brain"], scan["lesion"]
+        del scan["map"], scan["brain"], scan["lesion"]  # the sorted scores are all that is kept
     healthy = [scan for scan in scans if scan["family"] == "healthy"]
     lesions = [scan for scan in scans if scan["family"] != "healthy"]
     result = {"run": record.stem, "seed": spec["seed"], "healthy_scans": len(healthy), "lesion_scans": len(lesions)}

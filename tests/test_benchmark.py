@@ -112,6 +112,14 @@ def test_sweep_writes_report_and_resumes(phantom_root: Path, tmp_path: Path, mon
     # Thresholds from fewer validation scans (here one lesion scan a draw) never beat the best test threshold.
     [gaps] = units["dice_gap_from_k_validation_scans"].values()
     assert gaps and all(gap >= -1e-12 for gap in gaps)
+    # benchmarks/intensity_clusters.py reproduces the run's volume AUROC from the same maps (or refuses); with
+    # two calibration scans no critical mass exists at 0.05, so the channel flags nothing.
+    arguments = [str(tmp_path / "out"), "--output", str(tmp_path / "intensity.json")]
+    [channel] = load_benchmark("intensity_clusters").main(arguments)["runs"]
+    assert channel["critical_mass"] == channel["critical_peak"] == float("inf")
+    assert channel["counts"]["channel clusters 0.05"]["scans healthy"][0] == channel["counts"]["channel peaks 0.05"]["scans healthy"][0] == 0
+    flagged, healthy = channel["counts"]["flow FDR 0.05"]["scans healthy"]  # the run's own FDR masks, counted again
+    assert flagged / healthy == pytest.approx(ssn["calibrated"]["fdr05_healthy_flagged"])
 
     # A second call finds both results and redoes nothing.
     logs = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").glob("*.log")}

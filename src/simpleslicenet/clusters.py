@@ -91,7 +91,7 @@ def lesion_components(
     sizes = np.bincount(lesions.ravel(), minlength=n_lesions + 1)[1:] * voxel_ml
     detected = np.bincount(lesions[flagged], minlength=n_lesions + 1)[1:] > 0
     touching = np.count_nonzero(np.bincount(clusters[lesion], minlength=n_clusters + 1)[1:])
-    return np.asarray(sizes, dtype=float), np.asarray(detected, dtype=bool), n_clusters - touching
+    return np.asarray(sizes, dtype=float), np.asarray(detected, dtype=bool), int(n_clusters - touching)
 
 
 def count_lesions(flagged: np.ndarray, lesion: np.ndarray, voxel_ml: float, min_lesion_ml: float) -> tuple[int, int, int]:
