@@ -67,11 +67,9 @@ class IntensityNorm:
     """Mean and spread of the healthy training volumes' intensities at each location of the grid."""
 
     def __init__(self, images: list[np.ndarray], brains: list[np.ndarray]) -> None:
-        stack, inside = np.stack(images).astype(np.float64), np.stack(brains)
-        count = inside.sum(0)
-        self.covered = count >= max(2, len(images) // 2)  # a location most training brains hold
-        self.mean = np.where(inside, stack, 0).sum(0) / np.maximum(count, 1)
-        spread = np.sqrt(np.where(inside, (stack - self.mean) ** 2, 0).sum(0) / np.maximum(count - 1, 1))
+        from simpleslicenet.benchmark.scan_maps import location_statistics
+
+        self.covered, self.mean, spread = location_statistics(images, brains)
         spread = ndimage.maximum_filter(spread, size=3)  # a voxel off in registration sees its neighbours' spread
         self.std = np.maximum(spread, float(np.median(spread[self.covered])))
 

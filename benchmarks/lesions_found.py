@@ -29,35 +29,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from lightning.pytorch import Callback
 
 MIN_ML = (0.5, 1.0)
 FAMILIES = ("tumour", "small", "multifocal", "hypointense")
 
 
-class LesionCounts(Callback):
-    """Every test scan's lesions and false clusters under one flagging rule, for each smallest size.
+def scan_counts(flagged: np.ndarray, scan: dict, min_ml: tuple[float, ...]) -> dict:
+    """One test scan's lesions (``[lesions, found]`` for each smallest size) and false clusters."""
+    from simpleslicenet.clusters import count_lesions
 
-    ``flag(map, brain)`` gives a scan's flagged brain voxels (boolean, the map's shape).
-    """
-
-    def __init__(self, flag: Callable[[np.ndarray, np.ndarray], np.ndarray], min_ml: tuple[float, ...]) -> None:
-        self.flag = flag
-        self.min_ml = min_ml
-        self.scans: list[dict] = []
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001, D102
-        from simpleslicenet.clusters import count_lesions
-
-        for index, rows in outputs.volumes():
-            part = outputs.rows(rows)
-            brain = part.brain_mask.numpy().astype(bool)
-            flagged = self.flag(part.anomaly_map.squeeze(1).numpy(), brain) & brain
-            lesion = part.gt_mask.numpy().astype(bool) & brain
-            counts = {str(ml): count_lesions(flagged, lesion, part.geometry[0].voxel_ml, ml) for ml in self.min_ml}
-            false_clusters = next(iter(counts.values()))[2]  # the same at every size
-            lesions = {ml: [total, found] for ml, (total, found, _) in counts.items()}
-            self.scans.append({"index": index, "healthy": not lesion.any(), "false_clusters": false_clusters, "lesions": lesions})
+    counts = {str(ml): count_lesions(flagged, scan["lesion"], scan["voxel_ml"], ml) for ml in min_ml}
+    false_clusters = next(iter(counts.values()))[2]  # the same at every size
+    lesions = {ml: [total, found] for ml, (total, found, _) in counts.items()}
+    return {"index": scan["index"], "healthy": not scan["lesion"].any(), "false_clusters": false_clusters, "lesions": lesions}
 
 
 def evaluate_run(record: Path, min_ml: tuple[float, ...], fdr: float | None = None) -> dict:
@@ -65,30 +49,34 @@ def evaluate_run(record: Path, min_ml: tuple[float, ...], fdr: float | None = No
 
     Flagged at the validation threshold, or at false discovery rate ``fdr`` with the run's calibration.
     """
+    from simpleslicenet.benchmark.scan_maps import ScanMaps
     from simpleslicenet.benchmark.single_run import retest_run
     from simpleslicenet.calibration import ConformalCalibration
     from simpleslicenet.metrics.breakdown import lesion_families
 
     result = json.loads(record.read_text())
+    flag: Callable[[np.ndarray, np.ndarray], np.ndarray]  # a scan's map and brain -> its flagged voxels
     if fdr is None:
         threshold = float(result["val_threshold"])
         rule = {"threshold": threshold}
         recorded = result["metrics"]
         detection, false_key = "lesion_detection", "lesion_FPclusters"
-        counter = LesionCounts(lambda amap, brain: amap >= threshold, min_ml)
+        flag = lambda amap, brain: amap >= threshold  # noqa: E731
     else:
         calibration = ConformalCalibration.load(record.with_suffix("") / "calibration.json")
         rule = {"fdr": fdr, "fdr_level": calibration.fdr_level(fdr)}
         recorded, tag = result["calibrated"], f"fdr{round(fdr * 100):02d}"
         detection, false_key = f"{tag}_lesion_detection", f"{tag}_FPclusters"
-        counter = LesionCounts(lambda amap, brain: calibration.fdr_mask(amap, brain, fdr), min_ml)
-    engine = retest_run(record, [counter])
+        flag = lambda amap, brain: calibration.fdr_mask(amap, brain, fdr)  # noqa: E731
+    maps = ScanMaps()
+    engine = retest_run(record, [maps])
     family = lesion_families(engine.trainer)
+    scans = [scan_counts(flag(s["map"], s["brain"]) & s["brain"], s, min_ml) for s in maps.scans["test"]]
     found: dict[str, dict[str, list[int]]] = {}
     for ml in map(str, min_ml):
-        groups = {"all": counter.scans} | {f: [s for s in counter.scans if family.get(s["index"]) == f] for f in FAMILIES}
-        found[ml] = {group: [sum(s["lesions"][ml][i] for s in scans) for i in (1, 0)] for group, scans in groups.items()}
-    healthy = [s["false_clusters"] for s in counter.scans if s["healthy"]]
+        groups = {"all": scans} | {f: [s for s in scans if family.get(s["index"]) == f] for f in FAMILIES}
+        found[ml] = {group: [sum(s["lesions"][ml][i] for s in chosen) for i in (1, 0)] for group, chosen in groups.items()}
+    healthy = [s["false_clusters"] for s in scans if s["healthy"]]
     false_clusters = sum(healthy) / len(healthy)
     if "1.0" in found and abs(found["1.0"]["all"][0] / found["1.0"]["all"][1] - recorded[detection]) > 1e-9:
         msg = f"{record}: lesions of 1 ml found do not reproduce the recorded {detection}"

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simpleslicenet.benchmark.scan_maps import ScanMaps, retest_with_calibration
+from simpleslicenet.benchmark.scan_maps import ScanMaps, location_statistics, retest_with_calibration
 from simpleslicenet.metrics.exact import (
     dice_at_threshold,
     exact_auroc,
@@ -56,12 +56,9 @@ class LocationNorm:
     """Mean and standard deviation of the calibration scans' maps at each location."""
 
     def __init__(self, scans: list[dict]) -> None:
-        maps = np.stack([s["map"] for s in scans]).astype(np.float64)
-        inside = np.stack([s["brain"] for s in scans])
-        count = inside.sum(0)
-        covered = count >= max(2, len(scans) // 2)  # a location most calibration scans hold in their brain
-        self.mean = np.where(covered, np.where(inside, maps, 0).sum(0) / np.maximum(count, 1), np.median(maps[inside]))
-        spread = np.sqrt(np.where(inside, (maps - self.mean) ** 2, 0).sum(0) / np.maximum(count - 1, 1))
+        covered, mean, spread = location_statistics([s["map"] for s in scans], [s["brain"] for s in scans])
+        everywhere = np.median(np.concatenate([s["map"][s["brain"]] for s in scans]).astype(np.float64))
+        self.mean = np.where(covered, mean, everywhere)
         floor = float(np.median(spread[covered]))
         self.std = np.where(covered, np.maximum(spread, floor), floor)
 

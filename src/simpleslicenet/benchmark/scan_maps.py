@@ -1,7 +1,8 @@
 """Every scan's map, brain and lesion of a re-tested run, by split: what the re-testing scripts score.
 
 Attached to :func:`~simpleslicenet.benchmark.single_run.retest_run`, :class:`ScanMaps` keeps each
-validation, calibration (predicted) and test volume as ``[D, H, W]`` arrays on the model grid.
+validation, calibration (predicted) and test volume as ``[D, H, W]`` arrays on the model grid;
+:func:`location_statistics` describes a set of such arrays location by location.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from lightning.pytorch import Callback
 from simpleslicenet.benchmark.single_run import retest_run
 from simpleslicenet.metrics.calibrated import volume_maps
 
-__all__ = ["ScanMaps", "retest_with_calibration"]
+__all__ = ["ScanMaps", "location_statistics", "retest_with_calibration"]
 
 
 class ScanMaps(Callback):
@@ -65,3 +66,17 @@ def retest_with_calibration(record: str | Path) -> tuple[ScanMaps, Any]:
         msg = f"{record}: the run's datamodule holds no calibration scans (calibration_fraction)"
         raise ValueError(msg)
     return maps, engine
+
+
+def location_statistics(arrays: list[np.ndarray], brains: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(covered, mean, spread)`` at each location of the grid, over the scans whose brain holds it.
+
+    ``spread`` is the sample standard deviation; ``covered`` marks the locations that at least half of
+    the brains (and two) hold, where the mean and spread mean something.
+    """
+    values, inside = np.stack(arrays).astype(np.float64), np.stack(brains)
+    count = inside.sum(0)
+    covered = count >= max(2, len(arrays) // 2)
+    mean = np.where(inside, values, 0).sum(0) / np.maximum(count, 1)
+    spread = np.sqrt(np.where(inside, (values - mean) ** 2, 0).sum(0) / np.maximum(count - 1, 1))
+    return covered, mean, spread
